@@ -1,0 +1,141 @@
+"""The `minimoe` command line: `minimoe train`, `minimoe sample`, `minimoe sizing`.
+
+`minimoe train` is the project's main job: it trains the `toy` preset (DeepSeek-V3 in
+miniature) on the bundled synthetic corpus, then shows what the router learned -- which
+experts each domain of text goes to -- writes that as a figure, and samples text.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+
+DEFAULT_FIGURE = os.path.join("figures", "routing_by_domain.png")
+
+
+def parse_override(text: str) -> tuple[str, object]:
+    """'aux_loss_alpha=0.01' -> ('aux_loss_alpha', 0.01); values parsed as JSON when possible."""
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"--set expects FIELD=VALUE, got {text!r}")
+    key, raw = text.split("=", 1)
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        value = raw
+    return key.strip(), value
+
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    from minimoe.train import TrainArgs
+
+    defaults = TrainArgs()
+    parser.add_argument("--preset", default=defaults.preset, help="ModelConfig preset (toy, "
+                        "toy-classic, toy-gqa, toy-dense, ...)")
+    parser.add_argument("--set", dest="overrides", action="append", type=parse_override,
+                        default=[], metavar="FIELD=VALUE",
+                        help="change a ModelConfig field, e.g. --set aux_loss_alpha=0.01")
+    parser.add_argument("--data", default=None, help="train on this UTF-8 text file instead "
+                        "of the synthetic multi-domain corpus")
+    parser.add_argument("--out", dest="out_dir", default=defaults.out_dir)
+    parser.add_argument("--steps", type=int, default=defaults.steps)
+    parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    parser.add_argument("--seq-len", type=int, default=defaults.seq_len)
+    parser.add_argument("--grad-accum", type=int, default=defaults.grad_accum)
+    parser.add_argument("--lr", type=float, default=defaults.lr)
+    parser.add_argument("--min-lr", type=float, default=defaults.min_lr)
+    parser.add_argument("--warmup-steps", type=int, default=defaults.warmup_steps)
+    parser.add_argument("--eval-every", type=int, default=defaults.eval_every)
+    parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--device", default=defaults.device, help="auto | cpu | cuda | mps")
+    parser.add_argument("--dtype", default=defaults.dtype, choices=["fp32", "bf16"])
+    parser.add_argument("--grad-checkpointing", action="store_true")
+    parser.add_argument("--resume", action="store_true", help="continue from --out")
+    parser.add_argument("--max-minutes", type=float, default=None,
+                        help="stop (and save) after this many minutes of training")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--figure", default=DEFAULT_FIGURE, help="routing figure path")
+    parser.add_argument("--no-progress", action="store_true")
+
+
+def command_train(options: argparse.Namespace) -> int:
+    from minimoe import data as data_lib
+    from minimoe.train import TrainArgs, train
+    from minimoe.viz import format_usage_table, plot_domain_usage, routing_report
+
+    if options.threads:
+        torch.set_num_threads(options.threads)
+    args = TrainArgs(
+        preset=options.preset, config_overrides=dict(options.overrides), data=options.data,
+        out_dir=options.out_dir, steps=options.steps, batch_size=options.batch_size,
+        seq_len=options.seq_len, grad_accum=options.grad_accum, lr=options.lr,
+        min_lr=options.min_lr, warmup_steps=options.warmup_steps,
+        eval_every=options.eval_every, seed=options.seed, device=options.device,
+        dtype=options.dtype, grad_checkpointing=options.grad_checkpointing,
+        resume=options.resume, max_minutes=options.max_minutes,
+        progress=not options.no_progress,
+    )
+    model, history, (_, val_corpus) = train(args)
+    cfg = model.cfg
+    params = model.num_parameters()
+    final = history[-1]
+    print(f"\ntrained {cfg.name}: {params / 1e6:.2f}M parameters, {len(history)} steps, "
+          f"{sum(h['tokens_per_second'] for h in history) / len(history):.0f} tokens/s, "
+          f"final val loss {final.get('val_loss', float('nan')):.3f} nats/byte "
+          f"(train {final['ce']:.3f}"
+          + (f", MTP depth 1: {final['mtp_ce_1']:.3f}" if "mtp_ce_1" in final else "") + ")")
+    print(f"checkpoint: {args.out_dir}")
+
+    device = next(model.parameters()).device
+    if cfg.is_moe:
+        x, _, domains = next(data_lib.iterate_eval_batches(val_corpus, 32, args.seq_len))
+        report = routing_report(model, x.to(device), domains, val_corpus.domain_names)
+        print()
+        print(format_usage_table(report))
+        if options.figure:
+            os.makedirs(os.path.dirname(options.figure) or ".", exist_ok=True)
+            plot_domain_usage(report, options.figure,
+                              title=f"{cfg.name}: share of each domain's token-slots per expert")
+            print(f"\nrouting figure: {options.figure}")
+
+    tokenizer = data_lib.ByteTokenizer()
+    generator = torch.Generator(device="cpu").manual_seed(args.seed)
+    print("\nsamples (temperature 0.8, top-k 40):")
+    for prompt in ("The ", "def ", "12 + ", '{"'):
+        ids = torch.tensor([tokenizer.encode(prompt)], device=device)
+        out = model.generate(ids, max_new_tokens=80, temperature=0.8, top_k=40,
+                             generator=generator)
+        text = tokenizer.decode(out[0].tolist())
+        print("  " + repr(text))
+    return 0
+
+
+def command_sizing(options: argparse.Namespace) -> int:
+    from minimoe import sizing
+
+    print(sizing.summary_table(options.presets or list(sizing.PUBLISHED)))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="minimoe", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    train_parser = commands.add_parser("train", help="train a preset and show its routing")
+    add_train_arguments(train_parser)
+    train_parser.set_defaults(handler=command_train)
+    sizing_parser = commands.add_parser("sizing", help="parameter/FLOP/KV-cache table")
+    sizing_parser.add_argument("presets", nargs="*")
+    sizing_parser.set_defaults(handler=command_sizing)
+    options = parser.parse_args(argv)
+    try:
+        return options.handler(options)
+    except (ValueError, FileNotFoundError) as error:
+        print(f"minimoe {options.command}: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

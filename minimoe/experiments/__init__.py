@@ -1,0 +1,1 @@
+"""One-command experiments whose results (JSON) are committed and loaded by the notebooks."""

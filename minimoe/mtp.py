@@ -1,0 +1,71 @@
+"""Multi-token prediction (MTP): each extra module predicts one more token ahead.
+
+The idea (DeepSeek-V3 technical report §2.2, after Gloeckle et al. 2024)
+-----------------------------------------------------------------------
+A next-token model gets one training signal per position. MTP adds D small sequential
+modules; module k predicts the token k+1 steps ahead of position i, *conditioned on the
+previous depth's representation*, so the causal chain is kept (unlike Gloeckle et al.'s
+parallel heads). The signal densifies training, and at inference the modules can be
+dropped -- or reused as a draft model for speculative decoding.
+
+Module k at position i (V3 Eq. 21-23):
+
+    h'_i^k   = M_k [ RMSNorm(Emb(t_{i+k})) ; RMSNorm(h_i^{k-1}) ]     # (2C) -> (C), "eh_proj"
+    h_i^k    = TRM_k(h'_i^k)                                         # one transformer block
+    P_{i+k+1}^k = OutHead(RMSNorm(h_i^k))                            # shared output head
+
+    L_MTP^k  = CE(P^k, t_{i+k+1})      L_MTP = (lambda / D) * sum_k L_MTP^k   (Eq. 24-25)
+
+h_i^0 is the main model's final hidden state (before its last norm). The embedding and
+the output head are *shared* with the main model; each module owns enorm, hnorm, eh_proj,
+one decoder block and its final norm (called ``shared_head.norm`` in the checkpoints).
+lambda was 0.3 for the first 10T tokens of V3's training, then 0.1.
+
+Which half comes first in the concatenation? Eq. 21 of the report writes [h ; Emb], but
+the released checkpoints (and DeepSeek's and SGLang's inference code) concatenate the
+*embedding first*: eh_proj's input columns 0..C-1 multiply enorm(Emb(t_{i+k})) and columns
+C..2C-1 multiply hnorm(h). For a model trained from scratch the order is a relabelling of
+eh_proj's columns; for loading published weights it decides whether the output is right.
+minimoe follows the checkpoints.
+
+What the reader should notice: an MTP module is a full transformer block (in V3 with an
+MoE FFN: its router statistics are reported beside the main layers' as "mtp.{k}"), so MTP
+adds parameters (V3's MTP module has ~14B of the 685B on the hub) but little compute.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from minimoe.config import ModelConfig
+from minimoe.norm import RMSNorm
+
+
+class MTPModule(nn.Module):
+    """MTP depth k: combine h^{k-1} with Emb(t_{i+k}), run one block (see module docstring)."""
+
+    def __init__(self, cfg: ModelConfig, depth: int) -> None:
+        super().__init__()
+        from minimoe.model import DecoderLayer  # model imports this module lazily
+
+        self.depth = depth
+        self.enorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)  # for Emb(t_{i+k})
+        self.hnorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)  # for h^{k-1}_i
+        self.eh_proj = nn.Linear(2 * cfg.hidden_size, cfg.hidden_size, bias=False)
+        # The block sits after the main stack (V3 stores it as layers.61); it is an MoE block
+        # whenever the model is an MoE model.
+        self.block = DecoderLayer(cfg, layer_index=cfg.num_hidden_layers + depth - 1)
+        self.final_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)  # "shared_head.norm"
+
+    def forward(
+        self, previous_hidden: torch.Tensor, next_token_embeddings: torch.Tensor,
+        positions: torch.Tensor,
+    ) -> tuple[torch.Tensor, dict | None]:
+        """previous_hidden (B, T', C) = h^{k-1}; next_token_embeddings (B, T', C) = Emb(t_{i+k})."""
+        combined = torch.cat(
+            [self.enorm(next_token_embeddings), self.hnorm(previous_hidden)], dim=-1
+        )  # (B, T', 2C) embedding first, as in the released checkpoints
+        h = self.eh_proj(combined)  # (B, T', C)
+        h, moe_aux = self.block(h, positions, None)  # (B, T', C)
+        return h, moe_aux
