@@ -425,6 +425,8 @@ PRESETS: dict[str, dict] = {
         n_shared_experts=1, first_k_dense_replace=3, scoring_func="sigmoid",
         topk_method="noaux_tc", n_group=8, topk_group=4, norm_topk_prob=True,
         routed_scaling_factor=2.5, use_expert_bias=True, bias_update_rate=1e-3,
+        # 1e-4 is the report's value (§4.2); config.json carries aux_loss_alpha 0.001 (with
+        # seq_aux true), a field no inference code reads.
         seq_aux_loss_alpha=1e-4, num_nextn_predict_layers=1, mtp_loss_weight=0.3,
     ),
     "deepseek-v2-lite": dict(
@@ -448,7 +450,10 @@ PRESETS: dict[str, dict] = {
         n_shared_experts=1, first_k_dense_replace=1, scoring_func="sigmoid",
         topk_method="noaux_tc", n_group=8, topk_group=4, norm_topk_prob=True,
         routed_scaling_factor=2.5, use_expert_bias=True, bias_update_rate=1e-3,
-        z_loss_coef=3.5e-6, num_nextn_predict_layers=1, mtp_loss_weight=0.1,
+        # Trained with one MTP layer (loss weight 0.1, Ling-V2 pretraining scripts); the released
+        # Ling-mini-2.0 checkpoint ships none (16.26B = the count without MTP; Ling-V2 README:
+        # "MTP is supported for base model, and not yet for chat model").
+        z_loss_coef=3.5e-6, num_nextn_predict_layers=0, mtp_loss_weight=0.1,
     ),
     "ling-flash-2.0": dict(
         vocab_size=157184, hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
@@ -459,23 +464,31 @@ PRESETS: dict[str, dict] = {
         n_shared_experts=1, first_k_dense_replace=1, scoring_func="sigmoid",
         topk_method="noaux_tc", n_group=8, topk_group=4, norm_topk_prob=True,
         routed_scaling_factor=2.5, use_expert_bias=True, bias_update_rate=1e-3,
-        z_loss_coef=3.5e-6, num_nextn_predict_layers=1, mtp_loss_weight=0.1,
+        # As Ling-mini: trained with one MTP layer, none in the released checkpoint (the hub's
+        # safetensors count, 102,889,705,216, equals the count without MTP exactly).
+        z_loss_coef=3.5e-6, num_nextn_predict_layers=0, mtp_loss_weight=0.1,
     ),
     "longcat-flash": dict(
+        # config.json names: num_layers 28, ffn_hidden_size 12288, expert_ffn_hidden_size 2048,
+        # zero_expert_num 256, moe_topk 12. Each of the 28 layers holds two MLA sublayers, two
+        # dense FFNs and one shortcut-connected MoE (shortcut_moe=True).
         vocab_size=131072, hidden_size=6144, num_hidden_layers=28, num_attention_heads=64,
         num_key_value_heads=64, intermediate_size=12288, max_position_embeddings=131072,
+        rms_norm_eps=1e-5,
         attention="mla", q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128,
         qk_rope_head_dim=64, v_head_dim=128, rope_theta=10000000.0,
         n_routed_experts=512, n_zero_experts=256, num_experts_per_tok=12,
         moe_intermediate_size=2048, n_shared_experts=0, first_k_dense_replace=0,
         scoring_func="softmax", topk_method="greedy", n_group=1, topk_group=1,
         norm_topk_prob=False, routed_scaling_factor=6.0, use_expert_bias=True,
+        # The checkpoint holds one MTP module (model.mtp.*: enorm, hnorm, eh_proj, one MLA +
+        # dense-FFN layer, a final norm), which transformers skips on load.
         shortcut_moe=True, num_nextn_predict_layers=1,
     ),
     "mixtral-8x7b": dict(
         vocab_size=32000, hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
         num_key_value_heads=8, head_dim=128, intermediate_size=14336,
-        max_position_embeddings=32768, attention="gqa", rope_theta=1000000.0,
+        max_position_embeddings=32768, rms_norm_eps=1e-5, attention="gqa", rope_theta=1000000.0,
         n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=14336,
         n_shared_experts=0, first_k_dense_replace=0, scoring_func="softmax",
         topk_method="greedy", norm_topk_prob=True, use_expert_bias=False,
@@ -493,6 +506,7 @@ PRESETS: dict[str, dict] = {
     "olmoe-1b-7b": dict(
         vocab_size=50304, hidden_size=2048, num_hidden_layers=16, num_attention_heads=16,
         num_key_value_heads=16, intermediate_size=1024, max_position_embeddings=4096,
+        rms_norm_eps=1e-5,
         attention="mha", qk_norm="full", rope_theta=10000.0,
         n_routed_experts=64, num_experts_per_tok=8, moe_intermediate_size=1024,
         n_shared_experts=0, first_k_dense_replace=0, scoring_func="softmax",
