@@ -128,6 +128,8 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
+        if self.head_dim is None and self.attention == "mla":
+            self.head_dim = self.qk_nope_head_dim + self.qk_rope_head_dim  # MLA's q/k head width
         if self.head_dim is None:
             if self.hidden_size % self.num_attention_heads != 0:
                 raise ValueError(

@@ -235,6 +235,8 @@ def train(args: TrainArgs, on_step: Optional[Callable[[dict], None]] = None):
         elapsed = time.perf_counter() - step_started
         record = {"step": step + 1, "lr": lr, "grad_norm": float(grad_norm),
                   "max_vio": mean_max_vio(out.aux["router"]),
+                  "max_vio_by_layer": {name: float(stats["max_vio"])
+                                       for name, stats in out.aux["router"].items()},
                   "tokens_per_second": tokens_per_step / elapsed, **totals}
         if args.eval_every and ((step + 1) % args.eval_every == 0 or step + 1 == args.steps):
             record["val_loss"] = evaluate(model, val_corpus, args, device)
