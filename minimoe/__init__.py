@@ -1,5 +1,17 @@
-"""minimoe: learn how modern Mixture-of-Experts language models work by reading and running them."""
+"""minimoe: learn how modern Mixture-of-Experts language models work by reading and running them.
 
-from minimoe.config import ModelConfig, PRESETS
+    import minimoe
+    cfg   = minimoe.ModelConfig.preset("toy")         # or "deepseek-v3", "ling-flash-2.0", ...
+    model = minimoe.Transformer(cfg)
+    out   = model(input_ids, targets=targets)         # out.logits, out.loss, out.aux
+    minimoe.sizing.count_params(cfg)
 
-__all__ = ["ModelConfig", "PRESETS"]
+Each submodule is one concept, opened by a docstring that teaches it: config, sizing, norm,
+rope, attention, mla, router, balance, experts, moe, mtp, model, generate, data, train, viz.
+"""
+
+from minimoe import sizing
+from minimoe.config import PRESETS, ModelConfig
+from minimoe.model import ModelOutput, Transformer
+
+__all__ = ["ModelConfig", "PRESETS", "Transformer", "ModelOutput", "sizing"]

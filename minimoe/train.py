@@ -225,6 +225,7 @@ def train(args: TrainArgs, on_step: Optional[Callable[[dict], None]] = None):
                 out = model(x.to(device), targets=y.to(device))
             (out.loss / args.grad_accum).backward()
             for name, value in out.aux["losses"].items():
+                value = value.detach() if torch.is_tensor(value) else value
                 totals[name] = totals.get(name, 0.0) + float(value) / args.grad_accum
             totals["loss"] = totals.get("loss", 0.0) + out.loss.item() / args.grad_accum
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)

@@ -2,11 +2,17 @@
 
 import os
 
-import pytest
-import torch
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # The test command runs one worker per core. More threads per worker (or per notebook
+    # kernel, which inherits this environment) only oversubscribe the cores, and OpenMP's
+    # spin-waiting then slows torch down by orders of magnitude.
+    os.environ["OMP_NUM_THREADS"] = "1"
+    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
-    # the test command runs one worker per core; more threads per worker only oversubscribe
     torch.set_num_threads(1)
 
 from hypothesis import settings  # noqa: E402
