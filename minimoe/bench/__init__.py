@@ -1,0 +1,1 @@
+"""Benchmark scripts that print tables (speed targets live here, not in timed tests)."""
