@@ -54,8 +54,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default=defaults.dtype, choices=["fp32", "bf16"])
     parser.add_argument("--grad-checkpointing", action="store_true")
     parser.add_argument("--resume", action="store_true", help="continue from --out")
-    parser.add_argument("--max-minutes", type=float, default=None,
-                        help="stop (and save) after this many minutes of training")
+    parser.add_argument("--max-minutes", type=float, default=4.5,
+                        help="stop (and save) after this many minutes of training, so the "
+                        "default run fits in five minutes on a slow laptop (0 = no limit)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--figure", default=DEFAULT_FIGURE, help="routing figure path")
     parser.add_argument("--no-progress", action="store_true")
@@ -75,7 +76,7 @@ def command_train(options: argparse.Namespace) -> int:
         min_lr=options.min_lr, warmup_steps=options.warmup_steps,
         eval_every=options.eval_every, seed=options.seed, device=options.device,
         dtype=options.dtype, grad_checkpointing=options.grad_checkpointing,
-        resume=options.resume, max_minutes=options.max_minutes,
+        resume=options.resume, max_minutes=options.max_minutes or None,
         progress=not options.no_progress,
     )
     model, history, (_, val_corpus) = train(args)

@@ -56,7 +56,7 @@ class TrainArgs:
     data: Optional[str] = None  # a UTF-8 text file instead of the synthetic corpus
     corpus_tokens: int = 2_000_000
     out_dir: str = "runs/toy"
-    steps: int = 600
+    steps: int = 1500
     batch_size: int = 16
     seq_len: int = 128
     grad_accum: int = 1

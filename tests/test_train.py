@@ -1,0 +1,101 @@
+"""Training loop, checkpoints and the command line, on a tiny model and a tiny corpus."""
+
+import json
+import math
+import os
+
+import pytest
+import torch
+
+from minimoe import cli
+from minimoe.train import TrainArgs, learning_rate, load_checkpoint, train
+
+TINY = dict(hidden_size=32, num_attention_heads=2, intermediate_size=64, moe_intermediate_size=16,
+            num_hidden_layers=2, q_lora_rank=16, kv_lora_rank=8, qk_nope_head_dim=8,
+            qk_rope_head_dim=4, v_head_dim=8, n_routed_experts=8, n_group=2, topk_group=1)
+
+
+def tiny_args(tmp_path, **changes):
+    values = dict(preset="toy", config_overrides=dict(TINY), corpus_tokens=40_000,
+                  out_dir=str(tmp_path / "run"), steps=30, batch_size=8, seq_len=32,
+                  lr=3e-3, warmup_steps=5, eval_every=15, eval_batches=2, progress=False)
+    values.update(changes)
+    return TrainArgs(**values)
+
+
+def test_learning_rate_schedule_formula():
+    args = TrainArgs(steps=110, warmup_steps=10, lr=1.0, min_lr=0.1)
+    assert learning_rate(0, args) == pytest.approx(0.1)  # (0 + 1) / 10 of the peak
+    assert learning_rate(9, args) == pytest.approx(1.0)
+    # halfway through the cosine phase: min + (max - min) / 2
+    assert learning_rate(60, args) == pytest.approx(0.55)
+    assert learning_rate(110, args) == pytest.approx(0.1)
+
+
+def test_training_reduces_loss_and_checkpoint_round_trips(tmp_path):
+    args = tiny_args(tmp_path)
+    model, history, (_, val) = train(args)
+    assert len(history) == 30
+    first, last = history[0]["ce"], history[-1]["ce"]
+    assert first > math.log(256) - 0.3  # starts near uniform over bytes
+    assert last < first - 1.0  # and learns something in 30 steps
+    assert "val_loss" in history[-1] and "mtp_ce_1" in history[-1]
+    assert {"max_vio", "max_vio_by_layer", "tokens_per_second"} <= set(history[-1])
+    # the checkpoint folder is complete and reloads to the same function
+    for name in ("model.safetensors", "config.json", "optimizer.pt", "train_state.json"):
+        assert os.path.exists(os.path.join(args.out_dir, name))
+    assert not os.path.exists(args.out_dir + ".tmp")
+    reloaded = load_checkpoint(args.out_dir)
+    ids = torch.randint(0, 256, (2, 16))
+    model.eval(), reloaded.eval()
+    torch.testing.assert_close(reloaded(ids).logits, model(ids).logits)
+    # the expert-bias buffers travel with the weights
+    for (name, a), (_, b) in zip(model.named_buffers(), reloaded.named_buffers()):
+        if name.endswith("e_score_correction_bias"):
+            assert torch.equal(a, b) and a.abs().sum() > 0
+
+
+def test_resume_continues_from_saved_step(tmp_path):
+    train(tiny_args(tmp_path, steps=10, eval_every=0))
+    _, history, _ = train(tiny_args(tmp_path, steps=14, eval_every=0, resume=True))
+    assert [h["step"] for h in history] == list(range(1, 15))
+    with open(os.path.join(tmp_path, "run", "train_state.json")) as handle:
+        assert json.load(handle)["step"] == 14
+
+
+def test_bf16_and_grad_accumulation_and_checkpointing_run(tmp_path):
+    _, history, _ = train(tiny_args(tmp_path, steps=4, dtype="bf16", grad_accum=2,
+                                     grad_checkpointing=True, eval_every=0, save=False))
+    assert all(math.isfinite(h["loss"]) for h in history)
+
+
+def test_train_on_text_file(tmp_path):
+    text_file = tmp_path / "poem.txt"
+    text_file.write_text("the quick brown fox jumps over the lazy dog. " * 200, encoding="utf-8")
+    _, history, (train_corpus, _) = train(tiny_args(tmp_path, data=str(text_file), steps=3,
+                                                    eval_every=0, save=False))
+    assert train_corpus.domain_names == ("poem",)
+    assert len(history) == 3
+
+
+def test_cli_train_end_to_end(tmp_path, capsys):
+    figure = tmp_path / "routing.png"
+    code = cli.main(["train", "--steps", "3", "--batch-size", "4", "--seq-len", "32",
+                     "--out", str(tmp_path / "cli_run"), "--figure", str(figure),
+                     "--no-progress", "--eval-every", "3"]
+                    + [arg for key, value in TINY.items() for arg in ("--set", f"{key}={value}")])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "Expert usage by domain" in out and "| arabic |" in out
+    assert "samples" in out
+    assert figure.exists() and figure.stat().st_size > 1000
+
+
+def test_cli_reports_bad_input_clearly(tmp_path, capsys):
+    assert cli.main(["train", "--preset", "nope", "--out", str(tmp_path / "x")]) == 2
+    assert "unknown preset 'nope'" in capsys.readouterr().err
+    assert cli.main(["train", "--set", "num_experts_per_tok=99", "--out", str(tmp_path / "x")]) == 2
+    assert "num_experts_per_tok" in capsys.readouterr().err
+    assert cli.main(["train", "--data", str(tmp_path / "missing.txt"),
+                     "--out", str(tmp_path / "x")]) == 2
+    assert "missing.txt" in capsys.readouterr().err
