@@ -117,6 +117,7 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--runs", nargs="*", default=list(RUNS), choices=list(RUNS))
     parser.add_argument("--out", default=RESULTS_PATH)
+    parser.add_argument("--figure-dir", default="figures")
     parser.add_argument("--threads", type=int, default=None)
     options = parser.parse_args(argv)
     if options.threads:
@@ -132,7 +133,7 @@ def main(argv=None) -> int:
     os.makedirs(os.path.dirname(options.out), exist_ok=True)
     with open(options.out, "w") as handle:
         json.dump(results, handle)
-    print("wrote", options.out, *plot(results))
+    print("wrote", options.out, *plot(results, options.figure_dir))
     return 0
 
 
