@@ -126,6 +126,9 @@ class ModelConfig:
 
     # ------------------------------------------------------------------------------------------
     def __post_init__(self) -> None:
+        # fields filled in from others; replace() derives them again unless given
+        self._derived_fields = {name for name in ("num_key_value_heads", "head_dim")
+                                if getattr(self, name) is None}
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
         if self.head_dim is None and self.attention == "mla":
@@ -271,7 +274,8 @@ class ModelConfig:
         unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
         if unknown:
             raise ValueError(f"ModelConfig has no field(s) {sorted(unknown)}")
-        return dataclasses.replace(self, **changes)
+        rederive = {name: None for name in self._derived_fields if name not in changes}
+        return dataclasses.replace(self, **{**rederive, **changes})
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
