@@ -1,4 +1,4 @@
-"""Rotary position embeddings: RoPE, partial RoPE, linear interpolation and YaRN.
+"""Rotary position embeddings: RoPE, partial RoPE, linear interpolation, NTK-aware scaling, YaRN.
 
 How RoPE works
 --------------
@@ -50,13 +50,35 @@ information, which is what lets the rest of the key be compressed (minimoe.mla).
 ``apply_rotary`` therefore takes x of width D >= rotary_dim and rotates only the first
 rotary_dim dims.
 
-Longer contexts: linear interpolation and YaRN
-----------------------------------------------
+Longer contexts: linear interpolation, NTK-aware scaling and YaRN
+-----------------------------------------------------------------
 A model trained on L positions has never seen the angles of positions beyond L.
 *Linear* position interpolation (Chen et al. 2023; kaiokendev) squeezes positions,
 m -> m / s for a factor s, so that s*L positions map into the trained range; equivalently
 every f_i is divided by s. It also blurs nearby tokens, because high frequencies get
-slow too.
+slow too. (rope_scaling {"type": "linear", "factor": s}.)
+
+*NTK-aware* scaling (bloc97, reddit r/LocalLLaMA, June 2023; YaRN paper §3.2) changes the
+base instead of the positions: theta' = theta * s^(d / (d - 2)) with d = rotary_dim. The
+exponent is chosen so that the *lowest* frequency, f_{d/2-1} = theta^(-(d-2)/d), is
+divided by exactly s (interpolated like linear scaling), while f_0 = 1 is untouched
+(extrapolated) and the pairs in between are divided by s^(2i/(d-2)), a geometric blend.
+High frequencies keep their resolution, which is why it works reasonably well *without*
+fine-tuning. Its weakness (YaRN §3.2): some middle pairs are still extrapolated to angles
+never seen in training, and the blend is fixed by the index rather than by what the model
+saw. (rope_scaling {"type": "ntk", "factor": s}; the name is minimoe's, transformers has
+only the dynamic variant below.)
+
+*Dynamic* NTK (emozilla; transformers ``rope_type="dynamic"``) applies the same formula
+with a factor recomputed from the current length T (the largest position + 1): while
+T <= L nothing changes, beyond it
+
+    s(T) = factor * T / L - (factor - 1),   theta' = theta * s(T)^(d / (d - 2))
+
+so a short prompt sees the original frequencies and a long one gets just enough scaling.
+The catch: keys already in a KV cache were rotated with the old frequencies, so cached and
+fresh keys disagree once T crosses L (transformers accepts this too). Here the frequencies
+are recomputed in ``forward`` from max(positions) + 1.
 
 YaRN (Peng et al. 2023, §3) interpolates *by parts* ("NTK-by-parts", §3.3): a pair whose
 wavelength is short compared with L has seen every angle many times during training and
@@ -105,7 +127,20 @@ YaRN only when the run's max_seq_len exceeds the original length, whereas here, 
 transformers, a YaRN config always applies. Other keys: ``truncate`` (default true: round
 low/high to integers) as in transformers.
 
-Types "dynamic" and "ntk" are not implemented yet and raise NotImplementedError.
+Where each factor lands (a summary)
+-----------------------------------
+    method   frequencies f_i                          cos/sin factor    softmax scale factor
+    default  theta^(-2i/d)                            1                 1
+    linear   f_i / s                                  1                 1
+    ntk      (theta s^(d/(d-2)))^(-2i/d)              1                 1
+    dynamic  as ntk with s(T), only when T > L        1                 1
+    yarn     ramp blend of f_i and f_i / s            mscale(s,m)/      mscale(s,m_all)^2
+             (low/high from beta_fast/beta_slow)      mscale(s,m_all)   (DeepSeek keys)
+                                                      or mscale(s,1)    or 1 (HF default)
+
+A cos/sin factor c multiplies the logits by c^2, but only through the rotated dims (both
+q and k carry one c); the softmax factor multiplies every logit. The two are the same
+thing when every dim rotates, and different under partial RoPE and MLA.
 
 What the reader should notice
 -----------------------------
@@ -123,7 +158,7 @@ import math
 import torch
 from torch import nn
 
-IMPLEMENTED_SCALINGS = ("default", "linear", "yarn")
+IMPLEMENTED_SCALINGS = ("default", "linear", "ntk", "dynamic", "yarn")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -135,6 +170,20 @@ def default_inv_freq(rotary_dim: int, theta: float) -> torch.Tensor:
     """f_i = theta^(-2i / rotary_dim) for i = 0 .. rotary_dim/2 - 1, shape (rotary_dim/2,)."""
     exponents = torch.arange(0, rotary_dim, 2, dtype=torch.int64).float() / rotary_dim
     return 1.0 / (theta**exponents)  # (rotary_dim/2,)
+
+
+def ntk_theta(theta: float, factor: float, rotary_dim: int) -> float:
+    """NTK-aware base: theta * factor^(d / (d - 2)), so the slowest pair is divided by factor."""
+    if rotary_dim <= 2:
+        raise ValueError(f"NTK-aware scaling needs rotary_dim > 2, got {rotary_dim}")
+    return theta * factor ** (rotary_dim / (rotary_dim - 2))
+
+
+def dynamic_ntk_factor(factor: float, seq_len: int, original_max_position_embeddings: int) -> float:
+    """The factor dynamic NTK uses at length seq_len: 1 up to L, then factor * T / L - (factor - 1)."""
+    if seq_len <= original_max_position_embeddings:
+        return 1.0
+    return factor * seq_len / original_max_position_embeddings - (factor - 1)
 
 
 def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
@@ -197,6 +246,15 @@ class RotaryEmbedding(nn.Module):
         elif self.scaling_kind == "linear":
             # Positions m -> m / s; since angle = m * f, dividing f by s is the same thing.
             inv_freq = inv_freq / float(rope_scaling["factor"])
+        elif self.scaling_kind == "ntk":
+            # A larger base: every pair slows down by factor^(2i / (d - 2)), the last by factor.
+            inv_freq = default_inv_freq(rotary_dim, ntk_theta(self.theta, float(rope_scaling["factor"]),
+                                                              rotary_dim))
+        elif self.scaling_kind == "dynamic":
+            # Frequencies depend on the length: recomputed in forward once it exceeds L.
+            ntk_theta(self.theta, 1.0, rotary_dim)  # the same rotary_dim check as "ntk"
+            self.dynamic_original = int(rope_scaling.get("original_max_position_embeddings")
+                                        or max_position_embeddings)
         elif self.scaling_kind == "yarn":
             inv_freq = self._init_yarn(inv_freq, rope_scaling)
         else:
@@ -235,9 +293,22 @@ class RotaryEmbedding(nn.Module):
             self.attention_scale_multiplier = yarn_mscale(factor, mscale_all_dim) ** 2
         return inv_freq
 
+    def inv_freq_for_length(self, seq_len: int) -> torch.Tensor:
+        """The frequencies used for a sequence of seq_len positions (only "dynamic" depends on it)."""
+        if self.scaling_kind != "dynamic":
+            return self.inv_freq
+        factor = dynamic_ntk_factor(float(self.rope_scaling["factor"]), seq_len, self.dynamic_original)
+        if factor == 1.0:
+            return self.inv_freq
+        theta = ntk_theta(self.theta, factor, self.rotary_dim)
+        return default_inv_freq(self.rotary_dim, theta).to(self.inv_freq.device)  # (rotary_dim/2,)
+
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         positions = positions.to(device=self.inv_freq.device, dtype=torch.float32)  # (T,)
-        angles = positions[:, None] * self.inv_freq[None, :]  # (T, rotary_dim/2)
+        inv_freq = self.inv_freq
+        if self.scaling_kind == "dynamic" and positions.numel() > 0:
+            inv_freq = self.inv_freq_for_length(int(positions.max().item()) + 1)
+        angles = positions[:, None] * inv_freq[None, :]  # (T, rotary_dim/2)
         angles = torch.cat([angles, angles], dim=-1)  # (T, rotary_dim) rotate-half layout
         cos = angles.cos() * self.cos_sin_scale  # (T, rotary_dim)
         sin = angles.sin() * self.cos_sin_scale  # (T, rotary_dim)

@@ -1,4 +1,5 @@
-"""RMSNorm and RoPE (default, partial, interleaved, linear, YaRN) against hand-computed values."""
+"""RMSNorm and RoPE (default, partial, interleaved, linear, NTK, dynamic NTK, YaRN) against
+hand-computed values."""
 
 import math
 
@@ -238,10 +239,58 @@ def test_yarn_temperature_conventions():
     assert mixed.attention_scale_multiplier == pytest.approx((0.05 * math.log(40) + 1) ** 2)
 
 
-@pytest.mark.parametrize("kind", ["dynamic", "ntk"])
-def test_unimplemented_scalings_raise(kind):
-    with pytest.raises(NotImplementedError, match=kind):
-        RotaryEmbedding(8, 10000.0, 64, {"type": kind, "factor": 2.0})
+def test_yarn_deepseek_v3_frequencies_at_chosen_indices():
+    """f_i = 10000^(-i/32) for rotary_dim 64; the ramp is (i - 10) / 13 between 10 and 23."""
+    rope = RotaryEmbedding(64, theta=10000.0, max_position_embeddings=163840, rope_scaling=V3_YARN)
+    got = rope.inv_freq.double()
+    assert got[0].item() == pytest.approx(1.0, rel=1e-7)  # turns once per token, kept
+    assert got[10].item() == pytest.approx(10**-1.25, rel=1e-6)  # ramp 0: kept
+    # i = 16: f = 10000^(-1/2) = 0.01, ramp 6/13: 0.01 * (6/13) / 40 + 0.01 * (7/13) = 0.0055
+    assert got[16].item() == pytest.approx(0.0055, rel=1e-6)
+    assert got[23].item() == pytest.approx(10**-2.875 / 40, rel=1e-6)  # ramp 1: divided by 40
+    assert got[31].item() == pytest.approx(10**-3.875 / 40, rel=1e-6)
+    # the wavelength of pair 23 before scaling is 2 pi / f = 4712 > 4096 tokens: it never
+    # completed one turn in the original context, which is why it is interpolated
+    assert 2 * math.pi / 10**-2.875 == pytest.approx(4711.7, abs=0.1)
+
+
+def test_ntk_matches_its_formula():
+    d, theta, s = 16, 10000.0, 4.0
+    rope = RotaryEmbedding(d, theta, 64, {"type": "ntk", "factor": s})
+    new_base = theta * s ** (d / (d - 2))
+    expected = [new_base ** (-2 * i / d) for i in range(d // 2)]
+    torch.testing.assert_close(rope.inv_freq.double(), torch.tensor(expected, dtype=torch.float64),
+                               rtol=1e-6, atol=0)
+    base = hand_inv_freq(d, theta)
+    # pair 0 untouched, the last pair divided by exactly s, pair i by s^(2i / (d - 2))
+    assert rope.inv_freq[0].item() == 1.0
+    assert rope.inv_freq[-1].item() == pytest.approx(base[-1] / s, rel=1e-6)
+    for i in range(d // 2):
+        assert rope.inv_freq[i].item() == pytest.approx(base[i] / s ** (2 * i / (d - 2)), rel=1e-6)
+    assert rope.cos_sin_scale == 1.0 and rope.attention_scale_multiplier == 1.0
+
+
+def test_dynamic_ntk_changes_only_beyond_the_original_length():
+    d, theta, factor, original = 8, 10000.0, 4.0, 32
+    rope = RotaryEmbedding(d, theta, 1024, {"rope_type": "dynamic", "factor": factor,
+                                            "original_max_position_embeddings": original})
+    default = RotaryEmbedding(d, theta, 1024)
+    short = torch.arange(original)
+    for got, want in zip(rope(short), default(short)):
+        assert torch.equal(got, want)
+    long = torch.arange(80)  # T = 80 > 32: s(T) = 4 * 80 / 32 - 3 = 7
+    s = factor * 80 / original - (factor - 1)
+    assert s == 7.0
+    ntk = RotaryEmbedding(d, theta, 1024, {"type": "ntk", "factor": s})
+    for got, want in zip(rope(long), ntk(long)):
+        torch.testing.assert_close(got, want)
+    # the same position gets different angles depending on how long the sequence is
+    assert not torch.allclose(rope(torch.arange(40))[0][39], rope(torch.arange(80))[0][39])
+
+
+def test_unknown_scaling_raises():
+    with pytest.raises(NotImplementedError, match="longrope"):
+        RotaryEmbedding(8, 10000.0, 64, {"type": "longrope", "factor": 2.0})
 
 
 def test_bad_rotary_dim():
