@@ -149,6 +149,8 @@ class Transformer(nn.Module):
             MTPModule(cfg, depth=k + 1) for k in range(cfg.num_nextn_predict_layers)
         )
         self.gradient_checkpointing = False
+        # lambda of the MTP loss; a plain attribute so a trainer can schedule it (V3: 0.3 then 0.1)
+        self.mtp_loss_weight = cfg.mtp_loss_weight
         self.apply(self._init_weights)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
@@ -207,7 +209,7 @@ class Transformer(nn.Module):
             loss = ce
             if len(self.mtp) > 0 and T > len(self.mtp):
                 mtp_ce = self.mtp_losses(x, input_ids, targets, positions, router_stats, losses)
-                weight = self.cfg.mtp_loss_weight / len(self.mtp)
+                weight = self.mtp_loss_weight / len(self.mtp)
                 losses["mtp"] = weight * sum(mtp_ce)
                 for k, value in enumerate(mtp_ce):
                     losses[f"mtp_ce_{k + 1}"] = value.detach()

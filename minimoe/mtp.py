@@ -35,9 +35,12 @@ adds parameters (V3's MTP module has ~14B of the 685B on the hub) but little com
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn as nn
 
+from minimoe.cache import KVCache
 from minimoe.config import ModelConfig
 from minimoe.norm import RMSNorm
 
@@ -60,12 +63,22 @@ class MTPModule(nn.Module):
 
     def forward(
         self, previous_hidden: torch.Tensor, next_token_embeddings: torch.Tensor,
-        positions: torch.Tensor,
+        positions: torch.Tensor, cache: Optional[KVCache] = None,
     ) -> tuple[torch.Tensor, dict | None]:
-        """previous_hidden (B, T', C) = h^{k-1}; next_token_embeddings (B, T', C) = Emb(t_{i+k})."""
+        """previous_hidden (B, T', C) = h^{k-1}; next_token_embeddings (B, T', C) = Emb(t_{i+k}).
+
+        With a cache (decoding, ``minimoe.speculative``) the block's attention appends its
+        keys/values (MLA: the latent) to this module's own cache, which then advances by T'.
+        """
         combined = torch.cat(
             [self.enorm(next_token_embeddings), self.hnorm(previous_hidden)], dim=-1
         )  # (B, T', 2C) embedding first, as in the released checkpoints
         h = self.eh_proj(combined)  # (B, T', C)
-        h, moe_aux = self.block(h, positions, None)  # (B, T', C)
+        h, moe_aux = self.block(h, positions, cache)  # (B, T', C)
+        if cache is not None:
+            cache.advance(h.shape[1])
         return h, moe_aux
+
+    def logits(self, hidden: torch.Tensor, lm_head: nn.Module) -> torch.Tensor:
+        """(B, T', C) -> (B, T', V): this module's final norm, then the shared output head."""
+        return lm_head(self.final_norm(hidden))

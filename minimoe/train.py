@@ -73,6 +73,11 @@ class TrainArgs:
     grad_checkpointing: bool = False
     resume: bool = False
     max_minutes: Optional[float] = None  # stop early (and save) when this budget is spent
+    # MTP loss weight schedule (DeepSeek-V3 §4.2: lambda 0.3 for the first 10T tokens, then
+    # 0.1): from step mtp_weight_switch_step on, the weight is mtp_loss_weight_after.
+    # None = the config's mtp_loss_weight throughout.
+    mtp_weight_switch_step: Optional[int] = None
+    mtp_loss_weight_after: float = 0.1
     progress: bool = True
     save: bool = True
 
@@ -98,6 +103,13 @@ def learning_rate(step: int, args: TrainArgs) -> float:
     progress = (step - args.warmup_steps) / max(1, args.steps - args.warmup_steps)
     progress = min(progress, 1.0)
     return args.min_lr + 0.5 * (args.lr - args.min_lr) * (1 + math.cos(math.pi * progress))
+
+
+def mtp_loss_weight(step: int, args: TrainArgs, base_weight: float) -> float:
+    """lambda at a step: base_weight, then args.mtp_loss_weight_after from the switch step on."""
+    if args.mtp_weight_switch_step is not None and step >= args.mtp_weight_switch_step:
+        return args.mtp_loss_weight_after
+    return base_weight
 
 
 def make_optimizer(model: torch.nn.Module, args: TrainArgs) -> torch.optim.AdamW:
@@ -218,6 +230,7 @@ def train(args: TrainArgs, on_step: Optional[Callable[[dict], None]] = None):
         lr = learning_rate(step, args)
         for group in optimizer.param_groups:
             group["lr"] = lr
+        model.mtp_loss_weight = mtp_loss_weight(step, args, model.cfg.mtp_loss_weight)
         totals: dict = {}
         for _ in range(args.grad_accum):
             x, y, _ = data_lib.sample_batch(train_corpus, args.batch_size, args.seq_len, generator)
@@ -235,6 +248,7 @@ def train(args: TrainArgs, on_step: Optional[Callable[[dict], None]] = None):
 
         elapsed = time.perf_counter() - step_started
         record = {"step": step + 1, "lr": lr, "grad_norm": float(grad_norm),
+                  "mtp_loss_weight": model.mtp_loss_weight,
                   "max_vio": mean_max_vio(out.aux["router"]),
                   "max_vio_by_layer": {name: float(stats["max_vio"])
                                        for name, stats in out.aux["router"].items()},
