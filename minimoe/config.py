@@ -83,6 +83,10 @@ class ModelConfig:
     qk_nope_head_dim: int = 32
     qk_rope_head_dim: int = 16
     v_head_dim: int = 32
+    # LongCat-Flash multiplies the up-projected query by sqrt(hidden/q_lora_rank) and the
+    # normalised kv latent by sqrt(hidden/kv_lora_rank) (transformers LongcatFlashMLA)
+    mla_scale_q_lora: bool = False
+    mla_scale_kv_lora: bool = False
 
     # ---- positions ----------------------------------------------------------------------
     rope_theta: float = 10000.0
@@ -178,6 +182,9 @@ class ModelConfig:
                  f"q_lora_rank must be None (full-rank query) or > 0, got {self.q_lora_rank}")
             need(self.qk_rope_head_dim % 2 == 0,
                  f"qk_rope_head_dim must be even (RoPE rotates pairs), got {self.qk_rope_head_dim}")
+            need(not self.mla_scale_q_lora or self.q_lora_rank is not None,
+                 "mla_scale_q_lora scales by sqrt(hidden_size / q_lora_rank): it needs a "
+                 "q_lora_rank (got None)")
             need(self.qk_norm == "none", "qk_norm is not defined for attention='mla' (MLA has "
                  "its own latent norms); set qk_norm='none'")
         need(0.0 < self.partial_rotary_factor <= 1.0,
@@ -483,6 +490,7 @@ PRESETS: dict[str, dict] = {
         rms_norm_eps=1e-5,
         attention="mla", q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128,
         qk_rope_head_dim=64, v_head_dim=128, rope_theta=10000000.0,
+        mla_scale_q_lora=True, mla_scale_kv_lora=True,
         n_routed_experts=512, n_zero_experts=256, num_experts_per_tok=12,
         moe_intermediate_size=2048, n_shared_experts=0, first_k_dense_replace=0,
         scoring_func="softmax", topk_method="greedy", n_group=1, topk_group=1,

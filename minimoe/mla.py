@@ -63,16 +63,101 @@ the transformers default). DeepSeek's released weights were trained with the int
 checkpoint loader will instead permute the rope rows of q_b_proj (per head) and of
 kv_a_proj_with_mqa once with ``interleaved_to_half_permutation``; scores are unchanged.
 
+Three ways to run the same function (``mla_mode``)
+-------------------------------------------------
+All three compute exactly the attention above; they differ in what the KV cache holds
+and in the order of the matrix products. Choose per module: ``mla.mla_mode = "absorbed"``,
+or per call: ``mla(x, positions, cache, mode="naive")``.
+
+* "latent" (the default; training and prefill): cache c^KV and k^R, rebuild every head's
+  K and V from the *whole* cached latent at every step. Simple and identical to the
+  training computation, but each decoding step costs O(T * d_c * H * (D_nope + D_v)) just
+  to rebuild keys and values it already built one step earlier.
+* "naive" (what an MHA runtime would do): decompress K and V once, for the new tokens
+  only, and cache them per head: k (B, T, H, qk_head_dim) and v (B, T, H, v_head_dim),
+  H * (qk_head_dim + v_head_dim) numbers per token per layer. Fast, but the cache is as
+  large as MHA's; the compression buys nothing at inference.
+* "absorbed" (DeepSeek-V2 §2.1.2, last paragraph; DeepSeek's inference/model.py
+  ``attn_impl="absorb"``): cache c^KV and k^R as "latent" does, never build per-head K or
+  V at all. Derivation below.
+
+The absorption, step by step
+----------------------------
+Write one head i, one query position t and one key position j (shapes in brackets;
+d_c = kv_lora_rank, D_n = qk_nope_head_dim, D_r = qk_rope_head_dim, D_v = v_head_dim):
+
+    W^UK_i (D_n, d_c), W^UV_i (D_v, d_c) = the rows of kv_b_proj.weight for head i
+    k^C_{j,i} = W^UK_i c_j                                   [D_n]
+    score_{t,j,i} = q^C_{t,i} . k^C_{j,i} + q^R_{t,i} . k^R_j  (times scale)
+
+1. Scores, content part. A dot product is a matrix product, and matrix products are
+   associative:
+
+       q^C_{t,i} . (W^UK_i c_j) = (q^C_{t,i})^T W^UK_i c_j = ((W^UK_i)^T q^C_{t,i}) . c_j
+
+   so define the *absorbed query* q^L_{t,i} = (W^UK_i)^T q^C_{t,i}  [d_c]: the query moved
+   into latent space. One (D_n x d_c) product per query head per new token replaces one
+   per head per *cached* token. In code: q_latent = einsum("bhtn,hnc->bhtc", q_nope, W_UK)
+   -> (B, H, T, d_c), then scores_nope = q_latent @ c_kv^T -> (B, H, T, T_all): every head
+   attends to the same cached latent, like multi-query attention with one KV "head" of
+   width d_c.
+
+2. Scores, rope part. q^R_{t,i} . k^R_j is already cheap: k^R is shared by all heads and
+   cached as is. Add it: scores = (q^L . c + q^R . k^R) * scale. Equivalently, concatenate
+   [q^L ; q^R] (d_c + D_r = 576 for V3) and [c ; k^R]: one MQA score of width 576.
+
+3. Values. The output of head i is
+
+       o_{t,i} = sum_j p_{t,j,i} W^UV_i c_j = W^UV_i (sum_j p_{t,j,i} c_j)
+
+   (linearity: W^UV_i does not depend on j), so attend over the latents first,
+   o^L = p @ c_kv -> (B, H, T, d_c), then o_{t,i} = W^UV_i o^L_{t,i} -> (B, H, T, D_v).
+   W^UV could go one step further, into o_proj (W^O_i W^UV_i, a (C x d_c) matrix per
+   head), as the V2 paper notes; that product is H * C * d_c numbers (V3: 470M per
+   layer, bigger than the layer), so here, as in DeepSeek's code, W^UV stays separate.
+
+4. Why RoPE breaks this, hence the decoupled key (DeepSeek-V2 §2.1.3). Had RoPE been
+   applied to k^C, the content score would be (R_t q^C)^T R_j W^UK c_j
+   = (q^C)^T R_{j-t} W^UK c_j, and the rotation R_{j-t} sits *between* the query and
+   W^UK and changes with the key position j: the query would need a different absorbed
+   matrix (W^UK)^T R_{j-t}^T for every cached key, which is no saving at all. MLA keeps
+   the rotated part out of the latent: a small per-head q^R and ONE shared k^R
+   (computed from h_t, not from c_t), cached next to the latent. Only the position-free
+   part is absorbed.
+
+Cost per decoding step and per cached token: naive reads H * (D_n + D_r + D_v) numbers
+and does as many multiply-adds (scores over D_n + D_r, values over D_v); absorbed reads
+only d_c + D_r numbers, but every query head does d_c + D_r multiply-adds for its score
+and d_c for its value, H * (2 d_c + D_r) in all: 1088 H against 320 H for V3's dims. Absorbed MLA moves
+3.4x more multiply-adds per cached token through 71x (V3, 128 heads) fewer bytes: it
+trades compute, which a GPU has in excess during decoding, for memory traffic, which it
+does not. minimoe.bench.mla_decode measures both on a CPU.
+
+LongCat-Flash scale factors (``cfg.mla_scale_q_lora``, ``cfg.mla_scale_kv_lora``)
+-------------------------------------------------------------------------------
+LongCat-Flash (technical report §2; transformers ``LongcatFlashMLA``, whose ``forward``
+is the source of the placement used here) multiplies
+
+* the up-projected query, both q^C and q^R, by sqrt(hidden_size / q_lora_rank) (equal to
+  scaling the normalised latent c^Q, since q_b_proj has no bias), before RoPE;
+* the normalised kv latent c^KV (after kv_a_layernorm, before it is cached, so the
+  cache holds the scaled latent) by sqrt(hidden_size / kv_lora_rank). Keys *and* values
+  come from that latent, so both are scaled; the rope key k^R is not.
+
+The factors compensate for the width change between hidden state and latent (a unit-RMS
+latent of width 512 feeds projections initialised for width 6144). Both are off for every
+other preset.
+
 What the reader should notice
 -----------------------------
-* K and V are rebuilt from the whole cached latent at every decoding step here: simple
-  and exactly equal to the training-time computation, but it costs O(T * d_c * H * D) per
-  step. The "absorbed" form (fold W^UK into the query and W^UV into the output, attend
-  in latent space, as in DeepSeek's inference code) is added later; it is an algebraic
-  rearrangement of the same function.
+* The three modes are the same function; tests/test_mla_absorbed.py checks them against
+  each other and against a per-head re-derivation, in prefill and in step-by-step
+  decoding.
 * k^R is computed from h_t, not from the latent, and is not normalised.
 * The value width v_head_dim may differ from the query/key width qk_head_dim;
   F.scaled_dot_product_attention accepts that.
+* Caches of "latent" and "absorbed" hold the same tensors: a prompt prefilled one way can
+  be decoded the other way. A "naive" cache holds per-head k and v instead.
 """
 
 from __future__ import annotations
@@ -88,10 +173,16 @@ from minimoe.norm import RMSNorm
 from minimoe.rope import RotaryEmbedding, apply_rotary
 
 LATENT_NORM_EPS = 1e-6  # q_a_layernorm / kv_a_layernorm eps in transformers and DeepSeek's code
+MLA_MODES = ("latent", "naive", "absorbed")
 
 
 class MultiHeadLatentAttention(nn.Module):
-    """DeepSeek MLA (see module docstring); caches only the latent c_kv and the rope key k_pe."""
+    """DeepSeek MLA (see module docstring) with three equivalent inference modes.
+
+    ``mla_mode`` (attribute, default "latent") or ``forward(..., mode=...)`` picks how the
+    cache is used: "latent" caches c_kv and k_pe and rebuilds K/V, "naive" caches per-head
+    k and v, "absorbed" caches c_kv and k_pe and attends in latent space.
+    """
 
     def __init__(self, cfg: ModelConfig, layer_index: int) -> None:
         super().__init__()
@@ -103,6 +194,7 @@ class MultiHeadLatentAttention(nn.Module):
         if layer_index < 0:
             raise ValueError(f"layer_index must be >= 0, got {layer_index}")
         self.layer_index = layer_index
+        self.mla_mode = "latent"
         self.num_heads = cfg.num_attention_heads
         self.q_lora_rank = cfg.q_lora_rank
         self.kv_lora_rank = cfg.kv_lora_rank
@@ -131,12 +223,27 @@ class MultiHeadLatentAttention(nn.Module):
         self.rotary_emb = RotaryEmbedding(self.qk_rope_head_dim, cfg.rope_theta,
                                           cfg.max_position_embeddings, cfg.rope_scaling)
         self.scale = self.qk_head_dim**-0.5 * self.rotary_emb.attention_scale_multiplier
+        # LongCat-Flash latent scale factors (1.0 = off; see the module docstring)
+        self.mla_scale_q_lora = ((hidden / self.q_lora_rank) ** 0.5
+                                 if getattr(cfg, "mla_scale_q_lora", False) else 1.0)
+        self.mla_scale_kv_lora = ((hidden / self.kv_lora_rank) ** 0.5
+                                  if getattr(cfg, "mla_scale_kv_lora", False) else 1.0)
+
+    # ---- the up-projection weights, per head ---------------------------------------------
+    def absorbed_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """W^UK (H, qk_nope_head_dim, d_c) and W^UV (H, v_head_dim, d_c), views of kv_b_proj."""
+        w = self.kv_b_proj.weight.view(self.num_heads, self.qk_nope_head_dim + self.v_head_dim,
+                                       self.kv_lora_rank)  # (H, nope + v_dim, d_c)
+        return w[:, :self.qk_nope_head_dim], w[:, self.qk_nope_head_dim:]
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor,
-                cache: KVCache | None = None) -> torch.Tensor:
+                cache: KVCache | None = None, mode: str | None = None) -> torch.Tensor:
+        mode = self.mla_mode if mode is None else mode
+        if mode not in MLA_MODES:
+            raise ValueError(f"mla mode must be one of {MLA_MODES}, got {mode!r}")
         B, T, _ = x.shape
         H = self.num_heads
-        nope, rope, v_dim = self.qk_nope_head_dim, self.qk_rope_head_dim, self.v_head_dim
+        rope = self.qk_rope_head_dim
 
         # 1. queries: [q^C ; q^R] per head
         if self.q_lora_rank is None:
@@ -144,43 +251,107 @@ class MultiHeadLatentAttention(nn.Module):
         else:
             c_q = self.q_a_layernorm(self.q_a_proj(x))  # (B, T, q_lora_rank)
             q = self.q_b_proj(c_q)  # (B, T, H*qk_head_dim)
+        if self.mla_scale_q_lora != 1.0:
+            q = q * self.mla_scale_q_lora  # LongCat-Flash: nope and rope parts alike
         q = q.view(B, T, H, self.qk_head_dim).transpose(1, 2)  # (B, H, T, qk_head_dim)
-        q_nope, q_pe = q.split([nope, rope], dim=-1)  # (B, H, T, nope), (B, H, T, rope)
+        q_nope, q_pe = q.split([self.qk_nope_head_dim, rope], dim=-1)  # (B, H, T, nope), (B, H, T, rope)
 
         # 2. the latent c^KV and the single shared rope key k^R
         compressed = self.kv_a_proj_with_mqa(x)  # (B, T, kv_lora_rank + rope)
         c_kv, k_pe = compressed.split([self.kv_lora_rank, rope], dim=-1)
         c_kv = self.kv_a_layernorm(c_kv)  # (B, T, kv_lora_rank)
+        if self.mla_scale_kv_lora != 1.0:
+            c_kv = c_kv * self.mla_scale_kv_lora  # LongCat-Flash: before caching; not k^R
 
         # 3. RoPE on the decoupled parts only
         cos, sin = self.rotary_emb(positions)  # (T, rope) each
         q_pe = apply_rotary(q_pe, cos, sin)  # (B, H, T, rope)
         k_pe = apply_rotary(k_pe[:, None], cos, sin)[:, 0]  # (B, T, rope) one "head"
 
-        # 4. with a cache: store only the latent and the rotated rope key
-        past = 0
+        if mode == "naive":
+            out = self._attend_naive(q_nope, q_pe, c_kv, k_pe, cache)
+        elif mode == "absorbed":
+            out = self._attend_absorbed(q_nope, q_pe, c_kv, k_pe, cache)
+        else:
+            out = self._attend_latent(q_nope, q_pe, c_kv, k_pe, cache)
+        # out: (B, H, T, v_dim)
+        out = out.transpose(1, 2).reshape(B, T, H * self.v_head_dim)  # (B, T, H*v_dim)
+        return self.o_proj(out)  # (B, T, C)
+
+    # ---- step 4 onwards, three ways ------------------------------------------------------
+    def _sdpa(self, q, k, v, past: int) -> torch.Tensor:
+        """Causal attention of T new queries over T_all = past + T keys."""
+        T, T_all = q.shape[2], k.shape[2]
+        if past == 0:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, scale=self.scale)
+        allowed = causal_mask(T, T_all, past, device=q.device)  # (T, T_all)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=self.scale)
+
+    def _decompress(self, c_kv: torch.Tensor, k_pe: torch.Tensor):
+        """Per-head keys (B, H, T, qk_head_dim) and values (B, H, T, v_dim) from the latent."""
+        B, T, _ = c_kv.shape
+        H, nope, rope, v_dim = self.num_heads, self.qk_nope_head_dim, self.qk_rope_head_dim, self.v_head_dim
+        kv = self.kv_b_proj(c_kv)  # (B, T, H*(nope + v_dim))
+        kv = kv.view(B, T, H, nope + v_dim).transpose(1, 2)  # (B, H, T, nope + v_dim)
+        k_nope, v = kv.split([nope, v_dim], dim=-1)  # (B, H, T, nope), (B, H, T, v_dim)
+        k_pe = k_pe[:, None].expand(B, H, T, rope)  # (B, H, T, rope) shared by heads
+        return torch.cat([k_nope, k_pe], dim=-1), v  # (B, H, T, qk_head_dim), (B, H, T, v_dim)
+
+    def _attend_latent(self, q_nope, q_pe, c_kv, k_pe, cache):
+        """Cache the latent; rebuild K and V for the whole history (training, prefill)."""
+        T = c_kv.shape[1]
         if cache is not None:
             history = cache.append(self.layer_index, c_kv=c_kv, k_pe=k_pe)
             c_kv = history["c_kv"]  # (B, T_all, kv_lora_rank)
             k_pe = history["k_pe"]  # (B, T_all, rope)
-            past = c_kv.shape[1] - T
-        T_all = c_kv.shape[1]
-
-        # 5. rebuild per-head keys and values from the latent
-        kv = self.kv_b_proj(c_kv)  # (B, T_all, H*(nope + v_dim))
-        kv = kv.view(B, T_all, H, nope + v_dim).transpose(1, 2)  # (B, H, T_all, nope + v_dim)
-        k_nope, v = kv.split([nope, v_dim], dim=-1)  # (B, H, T_all, nope), (B, H, T_all, v_dim)
-        k_pe = k_pe[:, None].expand(B, H, T_all, rope)  # (B, H, T_all, rope) shared by heads
-        k = torch.cat([k_nope, k_pe], dim=-1)  # (B, H, T_all, qk_head_dim)
+        k, v = self._decompress(c_kv, k_pe)  # (B, H, T_all, qk_head_dim), (B, H, T_all, v_dim)
         q = torch.cat([q_nope, q_pe], dim=-1)  # (B, H, T, qk_head_dim)
+        return self._sdpa(q, k, v, past=c_kv.shape[1] - T)  # (B, H, T, v_dim)
 
-        # 6. causal attention (value width may differ from query/key width)
-        if past == 0:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, scale=self.scale)
-        else:
-            allowed = causal_mask(T, T_all, past, device=x.device)  # (T, T_all)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=self.scale)
-        # out: (B, H, T, v_dim)
+    def _attend_naive(self, q_nope, q_pe, c_kv, k_pe, cache):
+        """Decompress K and V for the new tokens only; cache them per head."""
+        T = c_kv.shape[1]
+        k, v = self._decompress(c_kv, k_pe)  # (B, H, T, qk_head_dim), (B, H, T, v_dim)
+        if cache is not None:
+            if "c_kv" in cache.layers[self.layer_index]:
+                raise ValueError("this cache holds latents ('latent'/'absorbed' mode); "
+                                 "mode 'naive' needs a cache of per-head k and v")
+            history = cache.append(self.layer_index, k=k.transpose(1, 2), v=v.transpose(1, 2))
+            k = history["k"].transpose(1, 2)  # (B, H, T_all, qk_head_dim)
+            v = history["v"].transpose(1, 2)  # (B, H, T_all, v_dim)
+        q = torch.cat([q_nope, q_pe], dim=-1)  # (B, H, T, qk_head_dim)
+        return self._sdpa(q, k, v, past=k.shape[2] - T)  # (B, H, T, v_dim)
 
-        out = out.transpose(1, 2).reshape(B, T, H * v_dim)  # (B, T, H*v_dim)
-        return self.o_proj(out)  # (B, T, C)
+    def _attend_absorbed(self, q_nope, q_pe, c_kv, k_pe, cache):
+        """Attention in latent space: W^UK folded into the query, W^UV applied after.
+
+        Einsum letters: b batch, h head, t new token, s cached token, n qk_nope_head_dim,
+        r qk_rope_head_dim, c kv_lora_rank, v v_head_dim.
+        """
+        B, H, T, _ = q_nope.shape
+        if cache is not None:
+            if "k" in cache.layers[self.layer_index]:
+                raise ValueError("this cache holds per-head k and v ('naive' mode); "
+                                 "mode 'absorbed' needs a cache of latents")
+            history = cache.append(self.layer_index, c_kv=c_kv, k_pe=k_pe)
+            c_kv = history["c_kv"]  # (B, S, d_c)
+            k_pe = history["k_pe"]  # (B, S, rope)
+        S = c_kv.shape[1]
+        w_uk, w_uv = self.absorbed_weights()  # (H, n, c), (H, v, c)
+
+        # step 1: the query moved into latent space, q^L = (W^UK)^T q^C
+        q_latent = torch.einsum("bhtn,hnc->bhtc", q_nope, w_uk)  # (B, H, T, d_c)
+        # step 2: scores against the shared latent and the shared rope key (MQA-like: one
+        # matmul with the H*T query rows stacked)
+        scores = q_latent.reshape(B, H * T, -1) @ c_kv.transpose(1, 2)  # (B, H*T, S)
+        scores = scores + q_pe.reshape(B, H * T, -1) @ k_pe.transpose(1, 2)  # (B, H*T, S)
+        scores = scores.view(B, H, T, S) * self.scale  # (B, H, T, S)
+        past = S - T
+        if T > 1:
+            allowed = causal_mask(T, S, past, device=scores.device)  # (T, S)
+            scores = scores.masked_fill(~allowed, float("-inf"))  # (B, H, T, S)
+        softmax_dtype = torch.promote_types(scores.dtype, torch.float32)  # bf16 -> float32
+        weights = scores.softmax(dim=-1, dtype=softmax_dtype).to(c_kv.dtype)  # (B, H, T, S)
+        # step 3: attend over the latents, then decompress once per head
+        out_latent = (weights.view(B, H * T, S) @ c_kv).view(B, H, T, -1)  # (B, H, T, d_c)
+        return torch.einsum("bhtc,hvc->bhtv", out_latent, w_uv)  # (B, H, T, v_dim)

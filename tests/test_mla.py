@@ -68,8 +68,12 @@ def mla_by_hand(mla, cfg, x):
     else:
         c_q = rms_by_hand(linear("q_a_proj", x), p["q_a_layernorm.weight"])
         q_all = linear("q_b_proj", c_q)  # W^UQ and W^QR stacked per head
+    if cfg.mla_scale_q_lora:  # LongCat-Flash: the whole up-projected query, before RoPE
+        q_all = q_all * math.sqrt(cfg.hidden_size / cfg.q_lora_rank)
     down = linear("kv_a_proj_with_mqa", x)
     c_kv = rms_by_hand(down[..., :cfg.kv_lora_rank], p["kv_a_layernorm.weight"])  # the latent
+    if cfg.mla_scale_kv_lora:  # LongCat-Flash: the normalised latent (keys and values), not k^R
+        c_kv = c_kv * math.sqrt(cfg.hidden_size / cfg.kv_lora_rank)
     k_rope_raw = down[..., cfg.kv_lora_rank:]  # W^KR h, one for all heads
     w_up = p["kv_b_proj.weight"].view(H, nope + v_dim, cfg.kv_lora_rank)
     w_uk, w_uv = w_up[:, :nope], w_up[:, nope:]  # (H, nope, d_c), (H, v_dim, d_c)
