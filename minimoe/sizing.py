@@ -147,6 +147,12 @@ would need 2 * 128 * 128 * 61 * 2 = 4.0 MB. LongCat-Flash has two attention subl
 layer: 56 latents. MTP modules are not counted (speculative decoding keeps a separate
 small cache).
 
+``kv_cache_bytes_per_token(cfg, kind=...)`` and ``kv_cache_variants(cfg)`` answer "what if
+this model cached like MHA / GQA / MQA / MLA?" with the same heads and layers, the
+comparison of DeepSeek-V2 §2.1.4 Table 1 (MHA 2 n_h d_h l, GQA 2 n_g d_h l, MQA 2 d_h l,
+MLA (d_c + d_h^R) l ~ 4.5 d_h l). For MLA configs the MHA variant is what decompressed
+MLA would cache, H * (qk_head_dim + v_head_dim) = 40,960 numbers per layer for V3.
+
 Sources: DeepSeek-V3 Technical Report (arXiv:2412.19437) §1, §2.2, §3.1, §4.2 and
 README_WEIGHTS.md in deepseek-ai/DeepSeek-V3; DeepSeek-V2 report (arXiv:2405.04434);
 LongCat-Flash Technical Report (arXiv:2509.01322) and the transformers LongcatFlash model;
@@ -504,16 +510,71 @@ def flops_per_token(
     return 3.0 * forward if training else forward
 
 
-def kv_cache_bytes_per_token(cfg: ModelConfig, bytes_per_element: float = 2) -> float:
+KV_CACHE_KINDS = ("mha", "gqa", "mqa", "mla")
+
+
+def kv_cache_values_per_layer(cfg: ModelConfig, kind: Optional[str] = None,
+                              num_kv_heads: Optional[int] = None) -> int:
+    """Numbers one token caches in ONE attention sublayer, for cfg's own attention or a variant.
+
+    kind None = what cfg's attention caches. Otherwise the same query heads and head widths
+    cached four ways (DeepSeek-V2 §2.1.4, Table 1: MHA 2 n_h d_h, GQA 2 n_g d_h, MQA 2 d_h,
+    MLA d_c + d_h^R, per layer):
+
+    * key width d_k and value width d_v: head_dim for MHA/GQA configs; qk_head_dim
+      (nope + rope) and v_head_dim for MLA configs, i.e. what decompressed ("naive") MLA
+      caches. Table 1 writes d_k = d_v = d_h; with V3's dims d_k = 192, d_v = 128.
+    * "mha": H * (d_k + d_v); "gqa": num_kv_heads * (d_k + d_v), num_kv_heads defaulting
+      to cfg.num_key_value_heads (equal to H, hence = MHA, for MHA and MLA presets: pass a
+      group count); "mqa": d_k + d_v.
+    * "mla": kv_lora_rank + qk_rope_head_dim for MLA configs. For an MHA/GQA config, the
+      latent V2 would give it: d_c = 4 d_h, d_h^R = d_h / 2, so 4.5 d_h (Table 1's ratio).
+    """
+    mla = cfg.attention == "mla"
+    if kind is None:
+        kind = "mla" if mla else "gqa"
+        num_kv_heads = None
+    if kind not in KV_CACHE_KINDS:
+        raise ValueError(f"kind must be None or one of {KV_CACHE_KINDS}, got {kind!r}")
+    if mla:
+        d_k, d_v = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim, cfg.v_head_dim
+    else:
+        d_k = d_v = cfg.head_dim
+    if kind == "mha":
+        return cfg.num_attention_heads * (d_k + d_v)
+    if kind == "gqa":
+        groups = cfg.num_key_value_heads if num_kv_heads is None else num_kv_heads
+        if groups < 1 or cfg.num_attention_heads % groups:
+            raise ValueError(f"num_kv_heads ({groups}) must divide num_attention_heads "
+                             f"({cfg.num_attention_heads})")
+        return groups * (d_k + d_v)
+    if kind == "mqa":
+        return d_k + d_v
+    if mla:
+        return cfg.kv_lora_rank + cfg.qk_rope_head_dim  # latent + shared rope key
+    return 4 * cfg.head_dim + cfg.head_dim // 2  # V2's ratios: d_c = 4 d_h, d_h^R = d_h / 2
+
+
+def kv_cache_bytes_per_token(cfg: ModelConfig, bytes_per_element: float = 2,
+                             kind: Optional[str] = None,
+                             num_kv_heads: Optional[int] = None) -> float:
     """Bytes of KV cache one token occupies, all attention sublayers, MTP excluded.
 
     MLA: (kv_lora_rank + qk_rope_head_dim) per sublayer; MHA/GQA: 2 * n_kv_heads * head_dim.
+    ``kind`` ("mha" | "gqa" | "mqa" | "mla") asks for a variant with the same heads instead
+    (see ``kv_cache_values_per_layer``).
     """
-    if cfg.attention == "mla":
-        per_layer = cfg.kv_lora_rank + cfg.qk_rope_head_dim  # latent + shared rope key
-    else:
-        per_layer = 2 * cfg.num_key_value_heads * cfg.head_dim  # K and V
+    per_layer = kv_cache_values_per_layer(cfg, kind, num_kv_heads)
     return float(per_layer * _n_attention_sublayers(cfg) * bytes_per_element)
+
+
+def kv_cache_variants(cfg: ModelConfig, bytes_per_element: float = 2,
+                      num_kv_heads: Optional[int] = None) -> dict:
+    """KV bytes per token for MHA, GQA, MQA and MLA with cfg's heads and layers, plus "own"."""
+    out = {kind: kv_cache_bytes_per_token(cfg, bytes_per_element, kind, num_kv_heads)
+           for kind in KV_CACHE_KINDS}
+    out["own"] = kv_cache_bytes_per_token(cfg, bytes_per_element)
+    return out
 
 
 def training_compute(

@@ -256,3 +256,34 @@ def test_count_params_matches_module(preset):
         no_mtp += sum(b.numel() for name, b in model.named_buffers()
                       if name.endswith("e_score_correction_bias") and not name.startswith("mtp."))
     assert no_mtp == count_params(cfg, include_mtp=False)["total"]
+
+
+# ---- KV cache: the four attention kinds (DeepSeek-V2 §2.1.4, Table 1) ------------------------------
+def test_kv_cache_kinds_by_hand():
+    from minimoe.sizing import kv_cache_values_per_layer, kv_cache_variants
+
+    mixtral = minimoe.ModelConfig.preset("mixtral-8x7b")  # 32 heads of 128, 8 KV heads, 32 layers
+    n_h, d_h, L = 32, 128, 32
+    assert kv_cache_bytes_per_token(mixtral, 2, kind="mha") == 2 * n_h * d_h * L * 2
+    assert kv_cache_bytes_per_token(mixtral, 2, kind="gqa") == 2 * 8 * d_h * L * 2
+    assert kv_cache_bytes_per_token(mixtral, 2, kind="gqa", num_kv_heads=4) == 2 * 4 * d_h * L * 2
+    assert kv_cache_bytes_per_token(mixtral, 2, kind="mqa") == 2 * d_h * L * 2
+    # Table 1's MLA for a d_h-head model: d_c = 4 d_h, d_h^R = d_h / 2 -> 4.5 d_h per layer
+    assert kv_cache_bytes_per_token(mixtral, 1, kind="mla") == 4.5 * d_h * L
+    assert kv_cache_bytes_per_token(mixtral) == kv_cache_bytes_per_token(mixtral, kind="gqa")
+
+    v3 = minimoe.ModelConfig.preset("deepseek-v3")  # 128 heads, K 128+64, V 128, 61 layers
+    assert kv_cache_values_per_layer(v3, "mla") == 512 + 64 == 4.5 * 128  # (d_c + d_h^R) = 4.5 d_h
+    assert kv_cache_values_per_layer(v3, "mha") == 128 * (192 + 128) == 40960  # naive MLA cache
+    assert kv_cache_values_per_layer(v3, "mqa") == 192 + 128
+    assert kv_cache_values_per_layer(v3, "gqa") == 40960  # 128 KV heads: GQA = MHA unless asked
+    assert kv_cache_values_per_layer(v3, "gqa", num_kv_heads=8) == 8 * 320
+    variants = kv_cache_variants(v3, bytes_per_element=1)
+    assert variants["own"] == variants["mla"] == 576 * 61
+    assert variants["mha"] / variants["mla"] == pytest.approx(40960 / 576)  # 71x
+    longcat = kv_cache_variants(minimoe.ModelConfig.preset("longcat-flash"), 2)
+    assert longcat["mla"] == 576 * 56 * 2 and longcat["mha"] == 64 * 320 * 56 * 2
+    with pytest.raises(ValueError, match="kind"):
+        kv_cache_bytes_per_token(v3, kind="sparse")
+    with pytest.raises(ValueError, match="divide"):
+        kv_cache_bytes_per_token(mixtral, kind="gqa", num_kv_heads=3)
