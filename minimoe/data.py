@@ -504,3 +504,53 @@ def iterate_eval_batches(corpus: Corpus, batch_size: int, seq_len: int) -> Itera
     all_starts = torch.arange(n_windows) * seq_len  # (n_windows,)
     for first in range(0, n_windows, batch_size):
         yield _windows(corpus, all_starts[first:first + batch_size], seq_len)
+
+
+# =====================================================================================
+# passkey retrieval: a long-range copy task (used by minimoe.experiments.long_context)
+# =====================================================================================
+
+PASSKEY_STATEMENT = "The passkey is {key}. "
+PASSKEY_QUESTION = "What is the passkey? {key}"
+
+
+def generate_passkey_document(rng: random.Random, num_bytes: int, depth: float | None = None,
+                              key_digits: int = 5) -> tuple[str, str]:
+    """(document, key): exactly `num_bytes` ASCII bytes that end with the answer.
+
+    Layout (Mohtashami & Jaggi 2023, "Landmark Attention", §4.2, in miniature):
+
+        <prose filler> The passkey is 48213. <prose filler> What is the passkey? 48213
+
+    The key is `key_digits` random digits; the prose filler (from ``generate_prose``)
+    holds no digits, so the last `key_digits` bytes can only be predicted by finding the
+    statement and copying from it. `depth` in [0, 1] places the statement within the
+    filler (0 = at the start, 1 = just before the question); None draws it uniformly.
+    """
+    key = "".join(rng.choice("0123456789") for _ in range(key_digits))
+    statement = PASSKEY_STATEMENT.format(key=key)
+    question = PASSKEY_QUESTION.format(key=key)
+    filler_bytes = num_bytes - len(statement) - len(question)
+    if filler_bytes < 0:
+        raise ValueError(f"num_bytes={num_bytes} is shorter than the statement and question "
+                         f"({len(statement) + len(question)} bytes)")
+    filler = ""
+    while len(filler) < filler_bytes:
+        filler += generate_prose(rng).replace("\n", " ") + " "
+    filler = filler[:filler_bytes]
+    if depth is None:
+        depth = rng.random()
+    split = int(round(depth * filler_bytes))
+    document = filler[:split] + statement + filler[split:] + question
+    return document, key
+
+
+def passkey_batch(rng: random.Random, batch_size: int, seq_len: int, depth: float | None = None,
+                  key_digits: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, targets), each (B, seq_len) long, from documents of seq_len + 1 bytes.
+
+    The key is the last `key_digits` targets of every row: targets[:, -key_digits:]."""
+    rows = [generate_passkey_document(rng, seq_len + 1, depth, key_digits)[0].encode("ascii")
+            for _ in range(batch_size)]
+    window = torch.tensor([list(row) for row in rows], dtype=torch.long)  # (B, T+1)
+    return window[:, :-1], window[:, 1:]  # (B, T) each
