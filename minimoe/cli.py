@@ -54,7 +54,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default=defaults.dtype, choices=["fp32", "bf16"])
     parser.add_argument("--grad-checkpointing", action="store_true")
     parser.add_argument("--resume", action="store_true", help="continue from --out")
-    parser.add_argument("--max-minutes", type=float, default=4.5,
+    parser.add_argument("--max-minutes", type=float, default=4.0,
                         help="stop (and save) after this many minutes of training, so the "
                         "default run fits in five minutes on a slow laptop (0 = no limit)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
