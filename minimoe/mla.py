@@ -282,8 +282,9 @@ class MultiHeadLatentAttention(nn.Module):
     def _sdpa(self, q, k, v, past: int) -> torch.Tensor:
         """Causal attention of T new queries over T_all = past + T keys."""
         T, T_all = q.shape[2], k.shape[2]
-        if past == 0:
-            return F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, scale=self.scale)
+        if past == 0 or T == 1:  # one new query sees every key: no mask needed
+            return F.scaled_dot_product_attention(q, k, v, is_causal=past == 0 and T > 1,
+                                                  scale=self.scale)
         allowed = causal_mask(T, T_all, past, device=q.device)  # (T, T_all)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=self.scale)
 
