@@ -379,55 +379,41 @@ def _from_hf_dict(hf: dict) -> ModelConfig:
 _YARN_V3 = {"type": "yarn", "factor": 40, "original_max_position_embeddings": 4096,
             "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0}
 
+_TOY = dict(
+    vocab_size=256, hidden_size=128, num_hidden_layers=4, num_attention_heads=4,
+    intermediate_size=384, max_position_embeddings=1024,
+    attention="mla", q_lora_rank=64, kv_lora_rank=32, qk_nope_head_dim=32,
+    qk_rope_head_dim=16, v_head_dim=32,
+    n_routed_experts=16, num_experts_per_tok=2, moe_intermediate_size=64,
+    n_shared_experts=1, first_k_dense_replace=1,
+    scoring_func="sigmoid", topk_method="noaux_tc", n_group=4, topk_group=2,
+    norm_topk_prob=True, routed_scaling_factor=1.0, use_expert_bias=True,
+    bias_update_rate=1e-3, seq_aux_loss_alpha=1e-4,
+    num_nextn_predict_layers=1, mtp_loss_weight=0.3,
+)
+
 PRESETS: dict[str, dict] = {
-    # --- small trainable models ------------------------------------------------------------
+    # --- small trainable models: the toy and its twins, written as differences from it -----
     # DeepSeek-V3 in miniature: MLA, sigmoid router + selection-only expert bias, group-limited
     # routing, one shared expert, one dense first layer, one MTP module.
-    "toy": dict(
-        vocab_size=256, hidden_size=128, num_hidden_layers=4, num_attention_heads=4,
-        intermediate_size=384, max_position_embeddings=1024,
-        attention="mla", q_lora_rank=64, kv_lora_rank=32, qk_nope_head_dim=32,
-        qk_rope_head_dim=16, v_head_dim=32,
-        n_routed_experts=16, num_experts_per_tok=2, moe_intermediate_size=64,
-        n_shared_experts=1, first_k_dense_replace=1,
-        scoring_func="sigmoid", topk_method="noaux_tc", n_group=4, topk_group=2,
-        norm_topk_prob=True, routed_scaling_factor=1.0, use_expert_bias=True,
-        bias_update_rate=1e-3, seq_aux_loss_alpha=1e-4,
-        num_nextn_predict_layers=1, mtp_loss_weight=0.3,
-    ),
+    "toy": _TOY,
     # The classic recipe for comparison: softmax router, top-k, Switch/GShard auxiliary loss.
-    "toy-classic": dict(
-        vocab_size=256, hidden_size=128, num_hidden_layers=4, num_attention_heads=4,
-        intermediate_size=384, max_position_embeddings=1024,
-        attention="mla", q_lora_rank=64, kv_lora_rank=32, qk_nope_head_dim=32,
-        qk_rope_head_dim=16, v_head_dim=32,
-        n_routed_experts=16, num_experts_per_tok=2, moe_intermediate_size=64,
-        n_shared_experts=1, first_k_dense_replace=1,
+    "toy-classic": {**_TOY, **dict(
         scoring_func="softmax", topk_method="greedy", n_group=1, topk_group=1,
-        norm_topk_prob=False, use_expert_bias=False, aux_loss_alpha=1e-2,
-        num_nextn_predict_layers=1, mtp_loss_weight=0.3,
-    ),
-    # The toy with grouped-query attention instead of MLA (Ling-2.0 style: QK-norm, partial RoPE).
-    "toy-gqa": dict(
-        vocab_size=256, hidden_size=128, num_hidden_layers=4, num_attention_heads=4,
-        num_key_value_heads=2, intermediate_size=384, max_position_embeddings=1024,
-        attention="gqa", qk_norm="per_head", partial_rotary_factor=0.5,
-        n_routed_experts=16, num_experts_per_tok=2, moe_intermediate_size=64,
-        n_shared_experts=1, first_k_dense_replace=1,
-        scoring_func="sigmoid", topk_method="noaux_tc", n_group=4, topk_group=2,
-        norm_topk_prob=True, use_expert_bias=True, bias_update_rate=1e-3,
-        num_nextn_predict_layers=1,
-    ),
-    # A dense twin of the toy with the same *activated* FFN width per token:
+        norm_topk_prob=False, use_expert_bias=False, bias_update_rate=0.0,
+        seq_aux_loss_alpha=0.0, aux_loss_alpha=1e-2,
+    )},
+    # Grouped-query attention instead of MLA (Ling-2.0 style: QK-norm, partial RoPE).
+    "toy-gqa": {**_TOY, **dict(
+        attention="gqa", num_key_value_heads=2, qk_norm="per_head", partial_rotary_factor=0.5,
+        seq_aux_loss_alpha=0.0,
+    )},
+    # A dense twin with the same *activated* FFN width per token in the MoE layers:
     # shared (64) + top-2 routed (2 x 64) = 192.
-    "toy-dense": dict(
-        vocab_size=256, hidden_size=128, num_hidden_layers=4, num_attention_heads=4,
-        intermediate_size=192, max_position_embeddings=1024,
-        attention="mla", q_lora_rank=64, kv_lora_rank=32, qk_nope_head_dim=32,
-        qk_rope_head_dim=16, v_head_dim=32,
-        n_routed_experts=0, n_shared_experts=0, first_k_dense_replace=0,
-        use_expert_bias=False, num_nextn_predict_layers=1,
-    ),
+    "toy-dense": {**_TOY, **dict(
+        intermediate_size=192, n_routed_experts=0, n_shared_experts=0, first_k_dense_replace=0,
+        use_expert_bias=False, bias_update_rate=0.0, seq_aux_loss_alpha=0.0,
+    )},
     # --- published models --------------------------------------------------------------------
     "deepseek-v3": dict(
         vocab_size=129280, hidden_size=7168, num_hidden_layers=61, num_attention_heads=128,
