@@ -237,7 +237,8 @@ def speculative_generate(model, input_ids: torch.Tensor, max_new_tokens: int,
 
     while new_tokens < max_new_tokens and not finished:
         N = len(tokens)
-        m = min(num_drafts, max_new_tokens - new_tokens - 1)
+        # up to m + 1 tokens come out of a step; the last may be cut at max_new_tokens
+        m = min(num_drafts, max_new_tokens - new_tokens)
         # 1. draft d_1..d_m, depth by depth
         drafts, draft_probs = [], []
         for j in range(1, m + 1):
@@ -282,7 +283,7 @@ def speculative_generate(model, input_ids: torch.Tensor, max_new_tokens: int,
         # 4. roll back the main cache to the accepted inputs t_{N-1}, d_1..d_accepted
         main_cache.truncate(N + accepted)
         hidden[0] = torch.cat([hidden[0][:, :N - 1], out.hidden[:, :accepted + 1]], dim=1)
-        emitted = drafts[:accepted] + [bonus]
+        emitted = (drafts[:accepted] + [bonus])[:max_new_tokens - new_tokens]
         if eos_token_id is not None and eos_token_id in emitted:
             emitted = emitted[:emitted.index(eos_token_id) + 1]
             finished = True
