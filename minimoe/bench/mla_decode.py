@@ -185,12 +185,14 @@ def plot_decode(rows: list[dict], path: str, title: str, modes=MODES) -> None:
     left.set(xscale="log", yscale="log", xlabel="context length (cached tokens)",
              ylabel="one decoding step (ms)", title="decode step time")
     left.set_xticks(contexts, [str(c) for c in contexts])
-    left.legend()
+    left.xaxis.set_minor_locator(plt.NullLocator())
+    left.legend(fontsize=8)
     for mode, style in zip(("naive", "absorbed"), ("o-", "s-")):
         right.plot(contexts, [r[f"{mode}_cache_mib"] for r in rows], style, label=mode)
     right.set(xscale="log", yscale="log", xlabel="context length (cached tokens)",
               ylabel="KV cache, one layer (MiB, float32)", title="cache size")
     right.set_xticks(contexts, [str(c) for c in contexts])
+    right.xaxis.set_minor_locator(plt.NullLocator())
     right.legend()
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
