@@ -24,7 +24,11 @@ Setup
 * Training: L = 128 bytes; each batch is 8 windows of the synthetic corpus
   (``minimoe.data.build_corpus``) plus 8 passkey documents
   (``minimoe.data.passkey_batch``: prose filler, "The passkey is 48213. " at a random
-  depth, "What is the passkey? 48213" at the end). Loss on every byte (plain LM).
+  depth, "What is the passkey? 48213" at the end). Loss: next-byte cross-entropy on
+  every byte plus, once more (KEY_WEIGHT = 1), the cross-entropy of the 5 key digits of
+  the passkey rows. Without that extra term the key is 5 of 129 bytes of half the rows and
+  the toy had not learned retrieval after 600 steps (per-digit accuracy 0.18, chance
+  0.1); with it, retrieval at L is learned within about 900 steps.
 * Scaling without fine-tune: the same weights loaded into a model rebuilt with
   ``cfg.replace(rope_scaling=...)`` (``inv_freq`` is a non-persistent buffer, so the
   state dict does not depend on the scaling).
@@ -67,6 +71,7 @@ from minimoe.train import TrainArgs, learning_rate, make_optimizer
 RESULTS_PATH = os.path.join("notebooks", "results", "long_context.json")
 METHODS = ("none", "linear", "ntk", "yarn")
 KEY_DIGITS = 5
+KEY_WEIGHT = 1.0  # extra weight of the key digits in the loss (see the module docstring)
 
 
 def rope_scaling_for(method: str, factor: float, original: int) -> dict | None:
@@ -104,8 +109,11 @@ def mixed_batch(corpus, rng: random.Random, generator: torch.Generator, rows: in
 
 
 def run_training(model: Transformer, corpus, steps: int, rows: int, seq_len: int, lr: float,
-                 min_lr: float, warmup: int, seed: int) -> list[float]:
-    """AdamW on the mixed batches (the loop of minimoe.train, with the passkey mix)."""
+                 min_lr: float, warmup: int, seed: int, key_weight: float = KEY_WEIGHT) -> list[float]:
+    """AdamW on the mixed batches (the loop of minimoe.train, with the passkey mix).
+
+    The loss is the model's (next-byte cross-entropy on every byte) plus key_weight times
+    the cross-entropy of the 5 key digits at the end of the passkey rows."""
     args = TrainArgs(steps=steps, lr=lr, min_lr=min_lr, warmup_steps=warmup)
     optimizer = make_optimizer(model, args)
     rng, generator = random.Random(seed), torch.Generator().manual_seed(seed)
@@ -116,7 +124,13 @@ def run_training(model: Transformer, corpus, steps: int, rows: int, seq_len: int
             group["lr"] = learning_rate(step, args)
         x, y = mixed_batch(corpus, rng, generator, rows, seq_len)
         out = model(x, targets=y)
-        out.loss.backward()
+        n_passkey = rows // 2
+        loss = out.loss
+        if key_weight and n_passkey:
+            key_logits = out.logits[-n_passkey:, -KEY_DIGITS:]  # (n_passkey, 5, V)
+            loss = loss + key_weight * torch.nn.functional.cross_entropy(
+                key_logits.reshape(-1, key_logits.shape[-1]), y[-n_passkey:, -KEY_DIGITS:].reshape(-1))
+        loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -253,7 +267,7 @@ def main(argv=None) -> int:
         "parameters": model.num_parameters(), "rotary_dim": cfg.rotary_dim, "head_dim": cfg.head_dim,
         "train_len": L, "multiples": options.multiples, "steps": options.steps, "rows": options.rows,
         "finetune_steps": options.finetune_steps, "finetune_tokens_per_step": options.rows * L,
-        "passkey_docs": options.passkey_docs, "loss_windows": options.loss_windows,
+        "passkey_docs": options.passkey_docs, "key_weight": KEY_WEIGHT, "loss_windows": options.loss_windows,
         "train_ce_last50": sum(train_losses[-50:]) / 50, "train_seconds": train_seconds,
         "rope_scaling": {}, "eval": {}, "finetune_seconds": {},
     }
