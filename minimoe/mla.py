@@ -288,6 +288,11 @@ class MultiHeadLatentAttention(nn.Module):
         allowed = causal_mask(T, T_all, past, device=q.device)  # (T, T_all)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=self.scale)
 
+    def _stored(self, cache) -> dict:
+        """What this layer already holds in the cache (empty for caches without ``layers``)."""
+        layers = getattr(cache, "layers", None)
+        return layers[self.layer_index] if layers is not None else {}
+
     def _decompress(self, c_kv: torch.Tensor, k_pe: torch.Tensor):
         """Per-head keys (B, H, T, qk_head_dim) and values (B, H, T, v_dim) from the latent."""
         B, T, _ = c_kv.shape
@@ -314,7 +319,7 @@ class MultiHeadLatentAttention(nn.Module):
         T = c_kv.shape[1]
         k, v = self._decompress(c_kv, k_pe)  # (B, H, T, qk_head_dim), (B, H, T, v_dim)
         if cache is not None:
-            if "c_kv" in cache.layers[self.layer_index]:
+            if "c_kv" in self._stored(cache):
                 raise ValueError("this cache holds latents ('latent'/'absorbed' mode); "
                                  "mode 'naive' needs a cache of per-head k and v")
             history = cache.append(self.layer_index, k=k.transpose(1, 2), v=v.transpose(1, 2))
@@ -331,7 +336,7 @@ class MultiHeadLatentAttention(nn.Module):
         """
         B, H, T, _ = q_nope.shape
         if cache is not None:
-            if "k" in cache.layers[self.layer_index]:
+            if "k" in self._stored(cache):
                 raise ValueError("this cache holds per-head k and v ('naive' mode); "
                                  "mode 'absorbed' needs a cache of latents")
             history = cache.append(self.layer_index, c_kv=c_kv, k_pe=k_pe)
