@@ -38,6 +38,8 @@ W produces interleaved-layout queries, the projection W[perm] (rows permuted) pr
 rotate-half queries, and scores are unchanged because q and k are permuted alike. This is
 how checkpoints trained with one layout load into code written for the other (transformers'
 DeepSeek-V3 does the same permutation at run time when ``rope_interleave`` is true).
+``permute_rotary_rows`` applies it to a projection's rows head by head, touching only the
+rotary rows (for MLA's q_b_proj those come after the qk_nope_head_dim rows of each head).
 
 Partial RoPE
 ------------
@@ -376,3 +378,28 @@ def interleaved_to_half_permutation(rotary_dim: int) -> torch.Tensor:
     if rotary_dim <= 0 or rotary_dim % 2 != 0:
         raise ValueError(f"rotary_dim must be a positive even number, got {rotary_dim}")
     return torch.cat([torch.arange(0, rotary_dim, 2), torch.arange(1, rotary_dim, 2)])
+
+
+def permute_rotary_rows(weight: torch.Tensor, head_dim: int, rotary_dim: int,
+                        rotary_offset: int = 0) -> torch.Tensor:
+    """Convert a projection from interleaved-layout to rotate-half-layout outputs.
+
+    weight: (num_heads * head_dim, in) or a bias (num_heads * head_dim,). Within every head
+    the rows rotary_offset .. rotary_offset + rotary_dim are reordered by
+    ``interleaved_to_half_permutation``; all other rows stay. Examples: a Llama-style q_proj
+    (rotary_offset 0, rotary_dim = head_dim * partial_rotary_factor); DeepSeek's q_b_proj
+    (head_dim = qk_head_dim, rotary_offset = qk_nope_head_dim, rotary_dim = qk_rope_head_dim);
+    kv_a_proj_with_mqa as one "head" (head_dim = kv_lora_rank + qk_rope_head_dim,
+    rotary_offset = kv_lora_rank).
+    """
+    if weight.shape[0] % head_dim != 0:
+        raise ValueError(f"{weight.shape[0]} rows are not a whole number of heads of {head_dim}")
+    if rotary_offset < 0 or rotary_offset + rotary_dim > head_dim:
+        raise ValueError(f"rotary rows {rotary_offset}..{rotary_offset + rotary_dim} do not fit "
+                         f"in a head of {head_dim}")
+    within_head = torch.arange(head_dim)  # (head_dim,)
+    within_head[rotary_offset:rotary_offset + rotary_dim] = (
+        rotary_offset + interleaved_to_half_permutation(rotary_dim))
+    num_heads = weight.shape[0] // head_dim
+    rows = (torch.arange(num_heads)[:, None] * head_dim + within_head).flatten()  # (H*head_dim,)
+    return weight[rows]

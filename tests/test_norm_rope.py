@@ -298,3 +298,31 @@ def test_bad_rotary_dim():
         RotaryEmbedding(7, 10000.0, 64)
     with pytest.raises(ValueError, match="even"):
         interleaved_to_half_permutation(5)
+
+
+def test_permute_rotary_rows_mla_style_heads():
+    """Two heads of [nope 2 | rope 4]: only the rope rows of each head are reordered, and
+    interleaved scores equal rotate-half scores after the permutation."""
+    from minimoe.rope import permute_rotary_rows
+
+    torch.manual_seed(0)
+    heads, nope, rope_dim, hidden = 2, 2, 4, 5
+    head_dim = nope + rope_dim
+    w = torch.randn(heads * head_dim, hidden)
+    permuted = permute_rotary_rows(w, head_dim, rope_dim, rotary_offset=nope)
+    # by hand: head h rows [0, 1 | 2, 4, 3, 5] (perm [0, 2, 1, 3] on the rope part)
+    expected_rows = [0, 1, 2, 4, 3, 5, 6, 7, 8, 10, 9, 11]
+    assert torch.equal(permuted, w[expected_rows])
+    bias = torch.arange(12.0)
+    assert permute_rotary_rows(bias, head_dim, rope_dim, nope).tolist() == [float(r) for r in expected_rows]
+    rope = RotaryEmbedding(rope_dim, theta=100.0, max_position_embeddings=16)
+    cos, sin = rope(torch.arange(3))
+    h = torch.randn(1, 1, 3, hidden)
+    for head in range(heads):
+        rows = slice(head * head_dim + nope, (head + 1) * head_dim)
+        q_inter = apply_rotary_interleaved(h @ w[rows].T, cos, sin)
+        q_half = apply_rotary(h @ permuted[rows].T, cos, sin)
+        torch.testing.assert_close(q_half @ q_half.transpose(-1, -2), q_inter @ q_inter.transpose(-1, -2),
+                                   atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="fit"):
+        permute_rotary_rows(w, head_dim, rope_dim, rotary_offset=3)
