@@ -53,6 +53,8 @@ def test_rope_scaling_for_each_method():
     assert long_context.rope_scaling_for("ntk", 8, 128) == {"type": "ntk", "factor": 8}
     yarn = long_context.rope_scaling_for("yarn", 8, 128)
     assert yarn["original_max_position_embeddings"] == 128 and yarn["mscale_all_dim"] == 1.0
+    ablation = long_context.rope_scaling_for("yarn-no-mscale", 8, 128)
+    assert ablation["attention_factor"] == 1.0 and "mscale_all_dim" not in ablation
     with pytest.raises(ValueError, match="unknown method"):
         long_context.rope_scaling_for("alibi", 2, 128)
 
@@ -66,7 +68,7 @@ def test_with_scaling_keeps_weights_and_changes_only_positions():
     x = torch.randint(0, 256, (1, 16))
     same = long_context.with_scaling(model, "none", 4, 64).eval()
     torch.testing.assert_close(same(x).logits, model(x).logits)
-    for method in ("linear", "ntk", "yarn"):
+    for method in ("linear", "ntk", "yarn", "yarn-no-mscale"):
         scaled = long_context.with_scaling(model, method, 4, 64).eval()
         assert scaled.cfg.rope_scaling["factor"] == 4
         for name, tensor in model.state_dict().items():

@@ -11,6 +11,8 @@ of minimoe.rope help -- with and without a short fine-tune at the new length?
     yarn     NTK-by-parts ramp + temperature, DeepSeek convention   (Peng et al. 2023)
              (mscale = mscale_all_dim = 1: the softmax scale is multiplied by
              (0.1 ln s + 1)^2, beta_fast 32, beta_slow 1)
+    yarn-no-mscale   an ablation: YaRN's frequencies with no temperature
+             (attention_factor 1, no mscale keys), to separate the ramp from the mscale
 
 with s = 4 at 4L and s = 8 at 8L (the factor matches the target length, as in practice).
 
@@ -69,7 +71,7 @@ from minimoe.model import Transformer
 from minimoe.train import TrainArgs, learning_rate, make_optimizer
 
 RESULTS_PATH = os.path.join("notebooks", "results", "long_context.json")
-METHODS = ("none", "linear", "ntk", "yarn")
+METHODS = ("none", "linear", "ntk", "yarn", "yarn-no-mscale")
 KEY_DIGITS = 5
 KEY_WEIGHT = 1.0  # extra weight of the key digits in the loss (see the module docstring)
 
@@ -85,6 +87,9 @@ def rope_scaling_for(method: str, factor: float, original: int) -> dict | None:
     if method == "yarn":
         return {"type": "yarn", "factor": factor, "original_max_position_embeddings": original,
                 "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0}
+    if method == "yarn-no-mscale":  # the ablation: YaRN's frequencies, no temperature at all
+        return {"type": "yarn", "factor": factor, "original_max_position_embeddings": original,
+                "beta_fast": 32, "beta_slow": 1, "attention_factor": 1.0}
     raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
 
 
@@ -194,7 +199,8 @@ def plot(results: dict, figure_dir: str = "figures") -> list[str]:
     os.makedirs(figure_dir, exist_ok=True)
     L = results["train_len"]
     multiples = results["multiples"]
-    colors = {"none": "tab:gray", "linear": "tab:blue", "ntk": "tab:green", "yarn": "tab:red"}
+    colors = {"none": "tab:gray", "linear": "tab:blue", "ntk": "tab:green", "yarn": "tab:red",
+              "yarn-no-mscale": "tab:orange"}
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     longest = str(multiples[-1] * L)
     for method in METHODS:
@@ -207,12 +213,12 @@ def plot(results: dict, figure_dir: str = "figures") -> list[str]:
     axes[0].set(xlabel="position (bytes)", ylabel="cross-entropy (nats/byte)",
                 title=f"Loss by position at {longest} = {multiples[-1]}x the training length")
     axes[0].legend(fontsize=7)
-    width = 0.2
+    width = 0.8 / len(METHODS)
     for panel, tuned in ((1, "no_finetune"), (2, "finetune")):
         for j, method in enumerate(METHODS):
             values = [results["eval"][str(m * L)][method][tuned]["passkey"]["accuracy"]
                       for m in multiples]
-            xs = [i + (j - 1.5) * width for i in range(len(multiples))]
+            xs = [i + (j - (len(METHODS) - 1) / 2) * width for i in range(len(multiples))]
             axes[panel].bar(xs, values, width, color=colors[method], label=method)
         base = results["eval"][str(L)]["none"]["no_finetune"]["passkey"]["accuracy"]
         axes[panel].axhline(base, color="k", ls=":", lw=1, label=f"at {L} (trained)")
@@ -290,7 +296,7 @@ def main(argv=None) -> int:
             entry["finetune"] = evaluate(scaled, val_corpus, T, L, options)
             entry["finetune_rows"] = rows
             results["eval"][str(T)][method] = entry
-            print(f"  {T} {method:6s}: passkey {entry['no_finetune']['passkey']['accuracy']:.2f}"
+            print(f"  {T} {method:14s}: passkey {entry['no_finetune']['passkey']['accuracy']:.2f}"
                   f" -> {entry['finetune']['passkey']['accuracy']:.2f} (fine-tuned); last-bucket loss "
                   f"{entry['no_finetune']['loss_by_bucket'][-1]:.3f} -> "
                   f"{entry['finetune']['loss_by_bucket'][-1]:.3f}", flush=True)
