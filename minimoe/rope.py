@@ -86,8 +86,9 @@ YaRN (Peng et al. 2023, §3) interpolates *by parts* ("NTK-by-parts", §3.3): a 
 wavelength is short compared with L has seen every angle many times during training and
 is left alone (extrapolated); a pair whose wavelength exceeds L is interpolated (divided
 by s); a linear ramp joins the two. The ramp is placed by counting rotations over the
-original context L (``original_max_position_embeddings``). Pair index d turns
-L / (2 pi theta^(2d/rotary_dim)) times over L, so the pair that turns exactly r times is
+original context L (``original_max_position_embeddings``). Pair i turns
+L / (2 pi theta^(2i/rotary_dim)) times over L, so the (fractional) pair that turns exactly
+r times is
 
     corr_dim(r) = rotary_dim * ln(L / (2 pi r)) / (2 ln theta)
     low  = floor(corr_dim(beta_fast)),  high = ceil(corr_dim(beta_slow)),
