@@ -52,10 +52,10 @@ not been through the main model yet).
 
    (the first term is min(q(x), p(x)); the rejection mass equals sum max(0, p - q)).
 4. Roll back. The main cache appended m+1 positions; ``KVCache.truncate`` drops those of
-   rejected drafts. Module k's cache entry at position i is final only when t_{i+k} is a
-   real (accepted) token, i.e. i <= N-1-k: after drafting each module's cache is cut back
-   to its final positions, and the next step recomputes the rest in the same forward call
-   (no extra pass -- a module processes all its pending positions at once).
+   rejected drafts. Module k's cache entry at position i is final only when t_{i+k} is an
+   accepted token, i.e. i <= N-1-k+accepted: each module's cache is cut back to its final
+   positions, and the next step recomputes the rest in the same forward call (no extra
+   pass -- a module processes all its pending positions at once).
 
 What the reader should notice
 -----------------------------
@@ -254,10 +254,6 @@ def speculative_generate(model, input_ids: torch.Tensor, max_new_tokens: int,
             token, probs = pick(module.logits(h[:, -1], model.lm_head)[0])
             drafts.append(token)
             draft_probs.append(probs)
-        for j in range(1, m + 1):  # keep only final positions: i <= N-1-j
-            committed[j] = max(0, N - j)
-            draft_caches[j - 1].truncate(committed[j])
-            hidden[j] = hidden[j][:, :committed[j]]
         # 2. verify: one main pass over [t_{N-1}, d_1..d_m]
         verify_ids = torch.tensor([tokens[-1:] + drafts], device=device)  # (1, m+1)
         out = model(verify_ids, cache=main_cache)
@@ -280,8 +276,13 @@ def speculative_generate(model, input_ids: torch.Tensor, max_new_tokens: int,
         if m:
             stats.accepted_lengths.append(accepted)
         stats.trace.append({"drafts": drafts, "accepted": accepted, "bonus": bonus})
-        # 4. roll back the main cache to the accepted inputs t_{N-1}, d_1..d_accepted
+        # 4. roll back the main cache to the accepted inputs t_{N-1}, d_1..d_accepted, and
+        # each depth j to its final positions i <= N-1-j+accepted (t_{i+j} accepted)
         main_cache.truncate(N + accepted)
+        for j in range(1, m + 1):
+            committed[j] = max(0, min(N - 1, N - j + accepted))
+            draft_caches[j - 1].truncate(committed[j])
+            hidden[j] = hidden[j][:, :committed[j]]
         hidden[0] = torch.cat([hidden[0][:, :N - 1], out.hidden[:, :accepted + 1]], dim=1)
         emitted = (drafts[:accepted] + [bonus])[:max_new_tokens - new_tokens]
         if eos_token_id is not None and eos_token_id in emitted:
