@@ -19,7 +19,7 @@
     third draft made by re-applying the last module is reported separately. The outputs
     are asserted identical.
 
-One command regenerates the committed results (about 6 minutes on one thread):
+One command regenerates the committed results (about 11 minutes on one thread):
 
     python -m minimoe.experiments.mtp
 
