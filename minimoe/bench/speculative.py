@@ -6,8 +6,8 @@
 Loads the checkpoint written by ``python -m minimoe.experiments.mtp`` (runs/mtp/mtp; trained
 here with the experiment's settings when missing), decodes from one prompt per domain of the
 validation corpus, and prints a markdown table of tokens/s: plain ``model.generate``
-against ``minimoe.speculative.speculative_generate`` with D drafts (one per MTP module) and
-with D + 1 (the last module re-applied). Plain and speculative runs alternate and the
+against ``minimoe.speculative.speculative_generate`` with 1..D drafts per step (from the
+trained MTP modules) and with D + 1 (the last module re-applied). Plain and speculative runs alternate and the
 median of --repeats is reported, so slow phases of a shared machine hit both alike. Every
 speculative output is asserted identical to the plain greedy output.
 """
@@ -56,7 +56,9 @@ def main(argv=None) -> int:
     model.generate(prompts[0], 8)  # warm-up
     speculative_generate(model, prompts[0], 8)
 
-    seconds = {"plain": [], f"speculative, {D} drafts": [], f"speculative, {D + 1} drafts": []}
+    draft_counts = list(range(1, D + 2))  # 1..D drafts from trained modules, D+1 re-applies
+    seconds = {"plain": []}
+    seconds.update({f"speculative, {k} draft{'s' if k > 1 else ''}": [] for k in draft_counts})
     tokens_per_forward = {name: [] for name in seconds}
     acceptance = {name: [] for name in seconds}
     for _ in range(options.repeats):
@@ -65,8 +67,8 @@ def main(argv=None) -> int:
             reference = model.generate(prompt, n)
             seconds["plain"].append(time.perf_counter() - started)
             tokens_per_forward["plain"].append(1.0)
-            for drafts in (D, D + 1):
-                name = f"speculative, {drafts} drafts"
+            for drafts in draft_counts:
+                name = f"speculative, {drafts} draft{'s' if drafts > 1 else ''}"
                 started = time.perf_counter()
                 ids, stats = speculative_generate(model, prompt, n, num_draft_tokens=drafts)
                 seconds[name].append(time.perf_counter() - started)
