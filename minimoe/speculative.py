@@ -66,6 +66,13 @@ What the reader should notice
   cost of a step is one main pass over m+1 tokens plus m draft blocks (each a single
   transformer block plus the output head). With the toy's 4 main layers, one MTP block is
   a quarter of the main model's layers, which caps what D and acceptance can buy.
+  Measured on a CPU at batch 1 (``python -m minimoe.bench.speculative``): one module call
+  costs about 0.3-0.37 of a one-token main pass, so two drafts cost ~0.6-0.7 of a plain
+  step before any token is accepted.
+* Verifying is not free for an MoE: k+1 tokens are routed independently, so the verify
+  pass touches up to (k+1) * top_k routed experts where a one-token step touches top_k
+  (on the toy it costs ~1.2x a one-token pass). The larger the verified block, the more
+  expert weights a memory-bound GPU has to read.
 """
 
 from __future__ import annotations
