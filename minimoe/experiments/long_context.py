@@ -46,7 +46,8 @@ Setup
   as greedy decoding of the key), plus per-digit accuracy. Digits are 10-way, so chance
   is 0.1 per digit and 1e-5 per key.
 
-One command regenerates the committed results (about 10 minutes on ONE CPU thread):
+One command regenerates the committed results (8.4 minutes on ONE CPU thread of a shared
+2-core machine):
 
     python -m minimoe.experiments.long_context
 
@@ -225,7 +226,7 @@ def plot(results: dict, figure_dir: str = "figures") -> list[str]:
         axes[panel].set_xticks(range(len(multiples)), [f"{m * L} ({m}x)" for m in multiples])
         axes[panel].set(ylim=(0, 1.05), ylabel="passkey retrieval accuracy",
                         title="Passkey, " + ("as trained" if tuned == "no_finetune" else
-                                             f"after a {results['finetune_steps']}-step fine-tune"))
+                                             f"after the {results['finetune_steps']}-step fine-tune"))
         axes[panel].legend(fontsize=7)
     for ax in axes:
         ax.grid(alpha=0.3)
