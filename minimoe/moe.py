@@ -191,7 +191,7 @@ def dispatch_naive(
             continue  # nobody chose expert e
         y = experts.expert_forward(e, x[token])  # (n_e, C)
         weight = topk_weight[token, slot].unsqueeze(-1)  # (n_e, 1)
-        out.index_add_(0, token, y * weight)  # out[token[i]] += w_i * y_i
+        out.index_add_(0, token, (y * weight).to(out.dtype))  # out[token[i]] += w_i * y_i
     return out
 
 

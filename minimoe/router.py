@@ -243,10 +243,12 @@ class Router(nn.Module):
     def forward(self, x: torch.Tensor) -> RouterOutput:
         """x: (N, C) or (..., C) (flattened to N tokens). Returns a RouterOutput over N tokens."""
         x = x.reshape(-1, self.hidden_size).float()  # (N, C) float32
-        logits = x @ self.weight.float().t()  # (N, E)
-        if self.noisy_gating and self.training:
-            noise_scale = F.softplus(x @ self.noise_weight.float().t())  # (N, E)
-            logits = logits + torch.randn_like(logits) * noise_scale  # (N, E)
+        # float32 even under mixed precision: autocast would run this matmul in bf16
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            logits = x @ self.weight.float().t()  # (N, E)
+            if self.noisy_gating and self.training:
+                noise_scale = F.softplus(x @ self.noise_weight.float().t())  # (N, E)
+                logits = logits + torch.randn_like(logits) * noise_scale  # (N, E)
 
         if self.scoring_func == "softmax":
             scores = logits.softmax(dim=-1)  # (N, E)

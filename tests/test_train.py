@@ -99,3 +99,21 @@ def test_cli_reports_bad_input_clearly(tmp_path, capsys):
     assert cli.main(["train", "--data", str(tmp_path / "missing.txt"),
                      "--out", str(tmp_path / "x")]) == 2
     assert "missing.txt" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("dispatch", ["naive", "sorted"])
+def test_bf16_autocast_keeps_router_in_float32(dispatch):
+    from minimoe.config import ModelConfig
+    from minimoe.model import Transformer
+
+    cfg = ModelConfig.preset("toy", dispatch=dispatch, **TINY)
+    model = Transformer(cfg).train()
+    captured = {}
+    gate = model.layers[1].mlp.gate
+    gate.register_forward_hook(lambda module, args, out: captured.update(logits=out.logits))
+    ids = torch.randint(0, 256, (2, 16))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(ids, targets=ids).loss
+    loss.backward()
+    assert captured["logits"].dtype == torch.float32
+    assert torch.isfinite(loss)
