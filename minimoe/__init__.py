@@ -12,6 +12,7 @@ rope, attention, mla, router, balance, experts, moe, mtp, model, generate, data,
 
 from minimoe import sizing
 from minimoe.config import PRESETS, ModelConfig
+from minimoe.checkpoint import load_pretrained
 from minimoe.model import ModelOutput, Transformer
 
-__all__ = ["ModelConfig", "PRESETS", "Transformer", "ModelOutput", "sizing"]
+__all__ = ["ModelConfig", "PRESETS", "Transformer", "ModelOutput", "load_pretrained", "sizing"]

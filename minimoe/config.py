@@ -331,13 +331,28 @@ def _from_hf_dict(hf: dict) -> ModelConfig:
             f"from_hf: model_type {model_type!r} is not mapped yet; known: deepseek_v3, deepseek_v2"
         )
     get = hf.get
+    # transformers >= 5 writes rope_parameters = {"rope_type", "rope_theta", scaling keys...}
+    # instead of rope_theta + rope_scaling; older configs (and DeepSeek's own) use the latter.
+    rope_theta, rope_scaling = get("rope_theta", 10000.0), get("rope_scaling")
+    if isinstance(get("rope_parameters"), dict):
+        parameters = dict(hf["rope_parameters"])
+        rope_theta = parameters.pop("rope_theta", rope_theta)
+        kind = parameters.get("rope_type", parameters.get("type", "default"))
+        rope_scaling = parameters if kind not in (None, "default") else None
+    # The DeepSeek-V3 modeling code (DeepSeek's and transformers') always routes with sigmoid
+    # scores, a selection bias and top-2-sum group scores; transformers' config.json omits
+    # these keys, DeepSeek's spells them out.
+    v3 = model_type != "deepseek_v2"
+    topk_method = get("topk_method", "noaux_tc" if v3 else "greedy")
     values = dict(
         name=get("_name_or_path", model_type) or model_type,
         vocab_size=hf["vocab_size"],
         hidden_size=hf["hidden_size"],
         num_hidden_layers=hf["num_hidden_layers"],
         num_attention_heads=hf["num_attention_heads"],
-        num_key_value_heads=get("num_key_value_heads", hf["num_attention_heads"]),
+        # MLA has no key/value heads of its own (one latent, expanded per query head); the
+        # num_key_value_heads in these configs is unused (transformers writes its class default)
+        num_key_value_heads=hf["num_attention_heads"],
         intermediate_size=hf["intermediate_size"],
         max_position_embeddings=get("max_position_embeddings", 4096),
         rms_norm_eps=get("rms_norm_eps", 1e-6),
@@ -349,20 +364,20 @@ def _from_hf_dict(hf: dict) -> ModelConfig:
         qk_nope_head_dim=hf["qk_nope_head_dim"],
         qk_rope_head_dim=hf["qk_rope_head_dim"],
         v_head_dim=hf["v_head_dim"],
-        rope_theta=get("rope_theta", 10000.0),
-        rope_scaling=get("rope_scaling"),
+        rope_theta=rope_theta,
+        rope_scaling=rope_scaling,
         n_routed_experts=get("n_routed_experts") or 0,
         num_experts_per_tok=get("num_experts_per_tok") or 1,
         moe_intermediate_size=get("moe_intermediate_size") or 1,
         n_shared_experts=get("n_shared_experts") or 0,
         first_k_dense_replace=get("first_k_dense_replace", 0),
-        scoring_func=get("scoring_func", "softmax"),
-        topk_method=get("topk_method", "greedy"),
+        scoring_func=get("scoring_func", "sigmoid" if v3 else "softmax"),
+        topk_method=topk_method,
         n_group=get("n_group") or 1,
         topk_group=get("topk_group") or 1,
         norm_topk_prob=get("norm_topk_prob", model_type != "deepseek_v2"),
         routed_scaling_factor=get("routed_scaling_factor", 1.0),
-        use_expert_bias=get("topk_method") == "noaux_tc",
+        use_expert_bias=topk_method == "noaux_tc",
         aux_loss_alpha=get("aux_loss_alpha", 0.0) if not get("seq_aux", False) else 0.0,
         seq_aux_loss_alpha=get("aux_loss_alpha", 0.0) if get("seq_aux", False) else 0.0,
         num_nextn_predict_layers=get("num_nextn_predict_layers", 0),

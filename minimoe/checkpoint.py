@@ -1,0 +1,426 @@
+"""Loading published checkpoints: a Hugging Face folder (or hub repo id) -> a minimoe model.
+
+The hub layout
+--------------
+A model repository on the Hugging Face hub is a folder:
+
+    config.json                          the architecture (``ModelConfig.from_hf`` maps it)
+    model.safetensors                    all tensors, when they fit in one file, or
+    model-00001-of-000NN.safetensors     shards of at most a few GB each, plus
+    model.safetensors.index.json         {"weight_map": {tensor name: shard file name}}
+
+A safetensors file is a JSON header (name -> dtype, shape, byte offsets) followed by the raw
+bytes. ``safe_open`` memory-maps it: ``get_tensor(name)`` reads one tensor, and a tensor not
+asked for is never read. This loader walks the names one at a time and copies each into its
+place in the model, so the largest extra memory at any moment is one checkpoint tensor
+(plus its dtype conversion), never a second copy of the model.
+
+Tensor names (DeepSeek-V3 / V2; ``{i}`` a layer, ``{e}`` an expert):
+
+    model.embed_tokens.weight                               (V, C)
+    model.layers.{i}.input_layernorm.weight                 (C,)
+    model.layers.{i}.self_attn.q_a_proj.weight              (q_lora_rank, C)   or q_proj (V2-Lite)
+    model.layers.{i}.self_attn.q_a_layernorm.weight
+    model.layers.{i}.self_attn.q_b_proj.weight              (H * (nope + rope), q_lora_rank)
+    model.layers.{i}.self_attn.kv_a_proj_with_mqa.weight    (kv_lora_rank + rope, C)
+    model.layers.{i}.self_attn.kv_a_layernorm.weight
+    model.layers.{i}.self_attn.kv_b_proj.weight             (H * (nope + v), kv_lora_rank)
+    model.layers.{i}.self_attn.o_proj.weight                (C, H * v)
+    model.layers.{i}.post_attention_layernorm.weight
+    model.layers.{i}.mlp.{gate,up,down}_proj.weight         dense layers (i < first_k_dense_replace)
+    model.layers.{i}.mlp.gate.weight                        (E, C) router
+    model.layers.{i}.mlp.gate.e_score_correction_bias       (E,) V3 selection bias (float32)
+    model.layers.{i}.mlp.shared_experts.{gate,up,down}_proj.weight
+    model.layers.{i}.mlp.experts.{e}.{gate,up,down}_proj.weight   one Linear per expert
+    model.norm.weight, lm_head.weight
+
+minimoe keeps the same names without the ``model.`` prefix, except the routed experts: it
+stacks them (``minimoe.experts.RoutedExperts``), so ``mlp.experts.{e}.gate_proj.weight``
+(I, C) becomes slice ``[e]`` of ``mlp.experts.gate_proj`` (E, I, C). The loader allocates
+the stacked tensor once and copies each expert's matrix into its slice.
+
+Multi-token prediction. DeepSeek-V3 stores its MTP module after the main stack, as
+``model.layers.{num_hidden_layers + k}``: ``enorm``, ``hnorm``, ``eh_proj``,
+``shared_head.norm`` (minimoe's ``final_norm``), a full decoder layer (``self_attn``,
+``mlp``, the two layer norms; minimoe's ``block``), and copies of ``embed_tokens`` and
+``shared_head.head`` which are the main model's embedding and output head (minimoe shares
+those, so the copies are not read). They load into ``model.mtp[k]``. transformers' own
+DeepseekV3 has no MTP module, so the checkpoints it saves carry none although their config
+says num_nextn_predict_layers = 1: then the model is built without MTP (with a warning)
+rather than with random MTP weights.
+
+FP8 weights. DeepSeek-V3 is published in float8_e4m3fn: every large 2-D ``weight`` has a
+float32 companion ``weight_scale_inv`` of shape [ceil(out/128), ceil(in/128)], one scale per
+128 x 128 block (``quantization_config.weight_block_size``), and W = fp8 * scale blockwise
+(the last row/column of blocks may be partial). The loader dequantises on load, into
+``dtype``; ``minimoe.fp8`` is where FP8 compute is taught.
+
+RoPE layout. DeepSeek trained with the *interleaved* rotary layout (pair i = dims 2i, 2i+1,
+``minimoe.rope.apply_rotary_interleaved``); minimoe rotates in the rotate-half layout. The
+two differ by a fixed permutation of the rotary dims, and a permutation of q's rope dims and
+k's rope dims alike leaves every score q . k unchanged, so the loader permutes the output
+rows of the weights that produce them, once: the rope rows of every head of ``q_b_proj``
+(or ``q_proj``) and the k_pe rows of ``kv_a_proj_with_mqa`` (``permute_rotary_rows``).
+When is a checkpoint interleaved? DeepSeek-V2 and V3 weights always are; transformers
+(5.x) rotates them interleaved when the config's ``rope_interleave`` is true (DeepseekV3,
+default true when the key is absent, as in DeepSeek's own config.json) and always for
+DeepseekV2. A deepseek_v3 config with ``rope_interleave: false`` is loaded unpermuted.
+
+What the reader should notice
+-----------------------------
+* Loading is a *name mapping* plus three transformations: stack experts, permute rope rows,
+  dequantise FP8 blocks. Nothing else changes between the published file and the model.
+* Every tensor of the file lands somewhere and every parameter of the model comes from the
+  file: a missing, unexpected or mis-shaped tensor is an error naming the tensor and file.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import warnings
+from typing import Iterable, Optional
+
+import torch
+
+from minimoe.config import ModelConfig
+from minimoe.model import Transformer
+from minimoe.rope import RotaryEmbedding, permute_rotary_rows
+
+SUPPORTED_MODEL_TYPES = ("deepseek_v3", "deepseek_v2", "kimi_k2")
+_EXPERT = re.compile(r"mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+# Read from the MTP layer's copies of shared tensors: nothing (minimoe shares them).
+_MTP_SHARED_COPIES = ("embed_tokens.weight", "shared_head.head.weight")
+_MTP_OWN = {"enorm.weight": "enorm.weight", "hnorm.weight": "hnorm.weight",
+            "eh_proj.weight": "eh_proj.weight", "shared_head.norm.weight": "final_norm.weight"}
+
+
+# ---------------------------------------------------------------------------------------------
+# Finding the files
+# ---------------------------------------------------------------------------------------------
+
+
+def resolve_checkpoint_folder(path_or_repo_id: str | os.PathLike) -> str:
+    """A local folder as is; anything else is a hub repo id fetched by huggingface_hub."""
+    path = os.fspath(path_or_repo_id)
+    if os.path.isdir(path):
+        return path
+    if os.path.exists(path) or path.startswith((".", "/", "~")) or path.count("/") != 1:
+        raise FileNotFoundError(f"load_pretrained: {path!r} is not a folder (a local checkpoint "
+                                "folder holds config.json and *.safetensors), nor a hub repo id "
+                                "of the form 'owner/name'")
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError as error:
+        raise ImportError(f"load_pretrained({path!r}): downloading from the hub needs "
+                          "huggingface_hub (pip install huggingface_hub), or pass a local "
+                          "folder") from error
+    try:
+        return snapshot_download(path, allow_patterns=["*.json", "*.safetensors"])
+    except Exception as error:  # offline, unknown repo, gated repo, ...
+        raise OSError(f"load_pretrained: could not download {path!r} from the Hugging Face hub "
+                      f"({type(error).__name__}: {error}). Without network access, download "
+                      "the repository elsewhere and pass its local folder instead.") from error
+
+
+def checkpoint_weight_map(folder: str) -> dict[str, str]:
+    """{tensor name: shard file name} from the index json, or from the single file."""
+    index = os.path.join(folder, "model.safetensors.index.json")
+    if os.path.exists(index):
+        with open(index) as handle:
+            weight_map = json.load(handle)["weight_map"]
+        for shard in sorted(set(weight_map.values())):
+            if not os.path.exists(os.path.join(folder, shard)):
+                raise FileNotFoundError(f"{index} names shard {shard!r}, which is not in {folder}")
+        return dict(weight_map)
+    single = os.path.join(folder, "model.safetensors")
+    if not os.path.exists(single):
+        raise FileNotFoundError(f"{folder} holds neither model.safetensors nor "
+                                "model.safetensors.index.json")
+    from safetensors import safe_open
+
+    with safe_open(single, framework="pt") as handle:
+        return {name: "model.safetensors" for name in handle.keys()}
+
+
+# ---------------------------------------------------------------------------------------------
+# FP8 blocks and RoPE rows
+# ---------------------------------------------------------------------------------------------
+
+
+def dequantize_fp8_blocks(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int],
+                          dtype: torch.dtype) -> torch.Tensor:
+    """W = fp8 * scale_inv per (block[0] x block[1]) block; the last blocks may be partial.
+
+    weight (out, in) float8; scale_inv (ceil(out/b0), ceil(in/b1)) float32 -> (out, in) dtype.
+    """
+    out_features, in_features = weight.shape
+    b0, b1 = block
+    expected = (math.ceil(out_features / b0), math.ceil(in_features / b1))
+    if tuple(scale_inv.shape) != expected:
+        raise ValueError(f"weight_scale_inv has shape {tuple(scale_inv.shape)}, expected "
+                         f"{expected} for a ({out_features}, {in_features}) weight in "
+                         f"{b0}x{b1} blocks")
+    scale = scale_inv.float().repeat_interleave(b0, 0)[:out_features]  # (out, ceil(in/b1))
+    scale = scale.repeat_interleave(b1, 1)[:, :in_features]  # (out, in)
+    return (weight.float() * scale).to(dtype)  # (out, in)
+
+
+def _rope_is_interleaved(hf: dict) -> bool:
+    if hf.get("model_type") == "deepseek_v2":
+        return True  # DeepSeek-V2's code (and transformers' DeepseekV2) always is
+    return bool(hf.get("rope_interleave", True))
+
+
+# ---------------------------------------------------------------------------------------------
+# The loader
+# ---------------------------------------------------------------------------------------------
+
+
+def _build_config(hf: dict, layers: Optional[list[int]], has_mtp: list[bool]) -> ModelConfig:
+    cfg = ModelConfig.from_hf(hf)
+    changes: dict = {}
+    mtp_depth = cfg.num_nextn_predict_layers
+    if layers is not None:
+        # the MTP modules follow the *last* main layer: they have no meaning for a subset
+        mtp_depth = 0
+        dense = sum(1 for i in layers if i < cfg.first_k_dense_replace)
+        changes.update(num_hidden_layers=len(layers), first_k_dense_replace=dense)
+    elif mtp_depth > 0 and not any(has_mtp):
+        warnings.warn(f"config.json says num_nextn_predict_layers={mtp_depth} but the checkpoint "
+                      f"holds no model.layers.{cfg.num_hidden_layers}.* tensors (checkpoints "
+                      "saved by transformers carry no MTP module); building the model without "
+                      "MTP", stacklevel=3)
+        mtp_depth = 0
+    changes["num_nextn_predict_layers"] = mtp_depth
+    return cfg.replace(**changes)
+
+
+def _materialise_buffers(model: Transformer, device) -> None:
+    """Non-persistent buffers are not in checkpoints: compute them on the target device."""
+    for module in model.modules():
+        for name, buffer in list(module.named_buffers(recurse=False)):
+            if not buffer.is_meta:
+                continue
+            if isinstance(module, RotaryEmbedding) and name == "inv_freq":
+                fresh = RotaryEmbedding(module.rotary_dim, module.theta,
+                                        module.max_position_embeddings, module.rope_scaling)
+                module._buffers[name] = fresh.inv_freq.to(device)
+            elif name == "tokens_per_expert":
+                module._buffers[name] = torch.zeros(buffer.shape, dtype=buffer.dtype, device=device)
+            else:
+                raise RuntimeError(f"load_pretrained: no rule to create buffer {name!r} of "
+                                   f"{type(module).__name__}")
+
+
+def load_pretrained(path_or_repo_id: str | os.PathLike, dtype: Optional[torch.dtype] = None,
+                    device: str | torch.device = "cpu",
+                    layers: Optional[Iterable[int]] = None) -> Transformer:
+    """Build a ``Transformer`` from a Hugging Face checkpoint (see the module docstring).
+
+    path_or_repo_id: a local folder (works offline) or a hub repo id ("deepseek-ai/...").
+    dtype: of the parameters; None = the config's ``torch_dtype``/``dtype`` (float32 when it
+        names none). FP8 weights are dequantised into it; the router's selection bias stays
+        float32.
+    layers: None = the whole model (with its MTP modules when the file has them); an iterable
+        of layer indices (e.g. range(4)) = the embedding, those blocks in order, the final norm
+        and the head (no MTP). Handy for looking at the first layers of a huge model.
+    Returns the model in eval mode.
+    """
+    from safetensors import safe_open
+
+    folder = resolve_checkpoint_folder(path_or_repo_id)
+    config_path = os.path.join(folder, "config.json")
+    if not os.path.exists(config_path):
+        raise FileNotFoundError(f"load_pretrained: no config.json in {folder}")
+    with open(config_path) as handle:
+        hf = json.load(handle)
+    model_type = hf.get("model_type")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise NotImplementedError(f"load_pretrained: model_type {model_type!r} in {config_path} "
+                                  f"is not supported yet; supported: {SUPPORTED_MODEL_TYPES}")
+    weight_map = checkpoint_weight_map(folder)
+
+    num_layers = int(hf["num_hidden_layers"])
+    layer_list = None
+    if layers is not None:
+        layer_list = sorted(set(int(i) for i in layers))
+        if not layer_list or layer_list[0] < 0 or layer_list[-1] >= num_layers:
+            raise ValueError(f"layers must be a non-empty set of indices in [0, {num_layers}), "
+                             f"got {layer_list}")
+    depth = int(hf.get("num_nextn_predict_layers", 0) or 0)
+    has_mtp = [any(n.startswith(f"model.layers.{num_layers + k}.") for n in weight_map)
+               for k in range(depth)]
+    cfg = _build_config(hf, layer_list, has_mtp)
+
+    if dtype is None:
+        named = hf.get("torch_dtype", hf.get("dtype"))
+        dtype = getattr(torch, named) if isinstance(named, str) and hasattr(torch, named) else None
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point or dtype.itemsize < 2:
+            dtype = torch.float32
+    device = torch.device(device)
+    quant = hf.get("quantization_config") or {}
+    block = tuple(quant.get("weight_block_size", (128, 128)))
+    interleaved = _rope_is_interleaved(hf)
+
+    # 1. the module tree without storage: every tensor will come from the file
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    targets = dict(model.state_dict(keep_vars=True))  # minimoe name -> meta tensor
+    if cfg.tie_word_embeddings:
+        targets.pop("lm_head.weight", None)
+    loaded: dict[str, torch.Tensor] = {}  # minimoe name -> real tensor
+    filled_experts: dict[str, set] = {}  # stacked minimoe name -> expert indices filled
+
+    # 2. map every checkpoint name to (minimoe name, expert index or None)
+    layer_position = {i: j for j, i in enumerate(layer_list)} if layer_list is not None else None
+    plan: dict[str, tuple[str, Optional[int]]] = {}
+    scales = {n for n in weight_map if n.endswith(".weight_scale_inv")}
+    unexpected = []
+    for name in weight_map:
+        if name in scales or name.endswith("rotary_emb.inv_freq"):
+            continue  # scales travel with their weight; inv_freq is recomputed
+        target = _map_name(name, num_layers, cfg, layer_position)
+        if target == "skip":
+            continue
+        if target is None:
+            unexpected.append(name)
+            continue
+        plan[name] = target
+    if unexpected:
+        listing = ", ".join(f"{n} (in {weight_map[n]})" for n in sorted(unexpected)[:10])
+        raise KeyError(f"load_pretrained: {len(unexpected)} checkpoint tensor(s) have no place in "
+                       f"the minimoe model: {listing}")
+    for scale_name in scales:
+        if scale_name[: -len("_scale_inv")] not in weight_map:
+            raise KeyError(f"load_pretrained: {scale_name} (in {weight_map[scale_name]}) has no "
+                           "matching weight")
+
+    # 3. read the shards one tensor at a time
+    by_file: dict[str, list[str]] = {}
+    for name in plan:
+        by_file.setdefault(weight_map[name], []).append(name)
+    for file_name in sorted(by_file):
+        with safe_open(os.path.join(folder, file_name), framework="pt") as handle:
+            for name in by_file[file_name]:
+                tensor = handle.get_tensor(name)
+                scale_name = name + "_scale_inv"
+                if scale_name in weight_map:
+                    with safe_open(os.path.join(folder, weight_map[scale_name]),
+                                   framework="pt") as scale_file:
+                        tensor = dequantize_fp8_blocks(tensor, scale_file.get_tensor(scale_name),
+                                                       block, dtype)
+                elif tensor.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+                    raise KeyError(f"load_pretrained: {name} (in {file_name}) is {tensor.dtype} "
+                                   f"but the checkpoint has no {scale_name}")
+                minimoe_name, expert = plan[name]
+                _place(name, file_name, tensor, minimoe_name, expert, targets, loaded,
+                       filled_experts, cfg, dtype, device, interleaved)
+
+    # 4. everything the model needs must have come from the file
+    missing = []
+    for minimoe_name, meta in targets.items():
+        if minimoe_name in filled_experts:
+            wanted = meta.shape[0]
+            if len(filled_experts[minimoe_name]) != wanted:
+                absent = sorted(set(range(wanted)) - filled_experts[minimoe_name])
+                missing.append(f"{minimoe_name} experts {absent[:8]}")
+        elif minimoe_name not in loaded:
+            if minimoe_name.endswith("gate.e_score_correction_bias") and not cfg.use_expert_bias:
+                loaded[minimoe_name] = torch.zeros(meta.shape, dtype=torch.float32, device=device)
+            else:
+                missing.append(minimoe_name)
+    if missing:
+        raise KeyError(f"load_pretrained: {len(missing)} model tensor(s) are not in the checkpoint "
+                       f"{folder}: {', '.join(missing[:10])}")
+
+    model.load_state_dict(loaded, strict=False, assign=True)
+    if cfg.tie_word_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
+    _materialise_buffers(model, device)
+    still_meta = [n for n, t in list(model.named_parameters()) + list(model.named_buffers())
+                  if t.is_meta]
+    if still_meta:
+        raise RuntimeError(f"load_pretrained: not loaded: {still_meta[:10]}")
+    return model.eval()
+
+
+def _map_name(name: str, num_layers: int, cfg: ModelConfig,
+              layer_position: Optional[dict[int, int]]):
+    """Checkpoint name -> (minimoe name, expert index or None), "skip", or None (no place)."""
+    top = {"model.embed_tokens.weight": "embed_tokens.weight", "model.norm.weight": "norm.weight",
+           "lm_head.weight": "lm_head.weight"}
+    if name in top:
+        if name == "lm_head.weight" and cfg.tie_word_embeddings:
+            return None
+        return top[name], None
+    match = _LAYER.match(name)
+    if match is None:
+        return None
+    index, rest = int(match.group(1)), match.group(2)
+    if index < num_layers:
+        if layer_position is not None:
+            if index not in layer_position:
+                return "skip"  # a layer left out on purpose (layers=...)
+            prefix = f"layers.{layer_position[index]}."
+        else:
+            prefix = f"layers.{index}."
+    else:
+        k = index - num_layers
+        if layer_position is not None:
+            return "skip"  # no MTP with a subset of layers
+        if k >= cfg.num_nextn_predict_layers:
+            return None
+        if rest in _MTP_SHARED_COPIES:
+            return "skip"  # the main model's embedding / head, shared in minimoe
+        if rest in _MTP_OWN:
+            return f"mtp.{k}.{_MTP_OWN[rest]}", None
+        prefix = f"mtp.{k}.block."
+    expert = _EXPERT.search(rest)
+    if expert is not None:
+        return f"{prefix}mlp.experts.{expert.group(2)}", int(expert.group(1))
+    return prefix + rest, None
+
+
+def _place(name, file_name, tensor, minimoe_name, expert, targets, loaded, filled_experts,
+           cfg, dtype, device, interleaved) -> None:
+    """Check the shape, convert, permute rope rows if needed, store one tensor."""
+    if minimoe_name not in targets:
+        raise KeyError(f"load_pretrained: {name} (in {file_name}) maps to {minimoe_name}, which "
+                       "the minimoe model built from config.json does not have")
+    meta = targets[minimoe_name]
+    wanted = tuple(meta.shape[1:]) if expert is not None else tuple(meta.shape)
+    if tuple(tensor.shape) != wanted:
+        raise ValueError(f"load_pretrained: {name} (in {file_name}) has shape "
+                         f"{tuple(tensor.shape)}; the model built from config.json expects "
+                         f"{wanted} for {minimoe_name}{'' if expert is None else f'[{expert}]'}")
+    keep_float32 = minimoe_name.endswith("e_score_correction_bias")
+    tensor = tensor.to(device=device, dtype=torch.float32 if keep_float32 else dtype)
+    if interleaved:
+        tensor = _to_rotate_half(minimoe_name, tensor, cfg)
+    if expert is None:
+        loaded[minimoe_name] = tensor
+        return
+    if expert >= meta.shape[0]:
+        raise ValueError(f"load_pretrained: {name} (in {file_name}): expert {expert} but the "
+                         f"config has {meta.shape[0]} routed experts")
+    if minimoe_name not in loaded:
+        loaded[minimoe_name] = torch.empty(meta.shape, dtype=dtype, device=device)  # (E, ., .)
+        filled_experts[minimoe_name] = set()
+    loaded[minimoe_name][expert].copy_(tensor)
+    filled_experts[minimoe_name].add(expert)
+
+
+def _to_rotate_half(minimoe_name: str, tensor: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
+    """Permute the rows that produce q_pe / k_pe from interleaved to rotate-half order."""
+    rope, nope = cfg.qk_rope_head_dim, cfg.qk_nope_head_dim
+    if minimoe_name.endswith(("self_attn.q_b_proj.weight", "self_attn.q_proj.weight")):
+        return permute_rotary_rows(tensor, nope + rope, rope, rotary_offset=nope)
+    if minimoe_name.endswith(("self_attn.kv_a_proj_with_mqa.weight",
+                              "self_attn.kv_a_proj_with_mqa.bias")):
+        return permute_rotary_rows(tensor, cfg.kv_lora_rank + rope, rope,
+                                   rotary_offset=cfg.kv_lora_rank)
+    return tensor
