@@ -38,10 +38,14 @@ Scaling: per tensor, or per tile
 --------------------------------
 A tensor is stored as FP8 values q plus a float32 *scale* s with x ~= q * s. The scale maps
 the largest magnitude in a group onto the top of the format: s = amax / 448. With one scale
-per tensor (``quantize_per_tensor``), a single outlier activation of 1000 sets s = 2.2, and
-every ordinary value below s * 2^-9 ~= 0.004 flushes to zero while values below
-s * 2^-6 ~= 0.03 land in the coarse subnormal range. Activations of LLMs do have such
-outlier channels. DeepSeek-V3's answer is to scale small groups separately:
+per tensor (``quantize_per_tensor``), the largest element decides for everyone. e4m3 spans
+about 18 binades (2^-9 .. 448), so a moderate outlier costs nothing: ordinary values just
+sit lower in the format with the same 3-bit relative precision. But an outlier A sends
+every value below A / 28672 (= s * 2^-6) into the subnormal range, where the spacing is a
+fixed s * 2^-9, and every value below A / 917504 (half of that spacing) to zero. An
+outlier of 1e4 next to unit-scale activations already puts a quarter of them below
+A / 28672 ~= 0.35. Activations of LLMs do have outlier channels, and gradients span even
+more binades. DeepSeek-V3's answer is to scale small groups separately:
 
 * activations: one scale per **1x128 tile** -- per token, per 128 consecutive channels along
   the reduction dimension K (``quantize_act_1x128``; scale shape ``(..., ceil(K/128))``);
