@@ -278,3 +278,18 @@ def test_per_tensor_scaling_fails_on_outliers():
     q, s = quantize_act_1x128(x)
     tiled = rel(dequantize_act_1x128(q, s)[:, 128:] @ w_deq.T)
     assert tiled < 0.06 and per_tensor > 5 * tiled
+
+
+def test_experiment_runs_small(tmp_path):
+    from minimoe.experiments import fp8_accumulation
+
+    out = tmp_path / "fp8.json"
+    assert fp8_accumulation.main(["--k", "128", "512", "--m", "8", "--n", "8", "--seeds", "1",
+                                  "--out", str(out), "--figure-dir", str(tmp_path)]) == 0
+    import json
+
+    results = json.loads(out.read_text())
+    series = results["accumulation"]["variants"]["14-bit truncating, no promotion"]
+    assert series[1]["relative"]["mean"] > series[0]["relative"]["mean"]
+    assert (tmp_path / "fp8_accumulation.png").exists()
+    assert (tmp_path / "fp8_scaling_error.png").exists()

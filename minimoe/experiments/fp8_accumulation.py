@@ -115,7 +115,7 @@ def accumulation(k_values, m: int, n: int, seeds: int) -> dict:
     return {"k": list(k_values),
             "variants": {name: [summarise(raw[name][k]) for k in k_values] for name in raw},
             "bits_sweep_k4096_truncating_no_promotion": {
-                str(bits): summarise(runs) for bits, runs in bits_sweep.items()}}
+                str(bits): summarise(runs) for bits, runs in bits_sweep.items() if runs}}
 
 
 def scaling(tokens: int, channels: int, outlier_rate: float, seed: int) -> dict:
