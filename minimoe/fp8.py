@@ -42,7 +42,7 @@ per tensor (``quantize_per_tensor``), the largest element decides for everyone. 
 about 18 binades (2^-9 .. 448), so a moderate outlier costs nothing: ordinary values just
 sit lower in the format with the same 3-bit relative precision. But an outlier A sends
 every value below A / 28672 (= s * 2^-6) into the subnormal range, where the spacing is a
-fixed s * 2^-9, and every value below A / 917504 (half of that spacing) to zero. An
+fixed s * 2^-9 = A / 229376, and every value below half of that spacing to zero. An
 outlier of 1e4 next to unit-scale activations already puts a quarter of them below
 A / 28672 ~= 0.35. Activations of LLMs do have outlier channels, and gradients span even
 more binades. DeepSeek-V3's answer is to scale small groups separately:
@@ -102,7 +102,10 @@ are cut: "truncate" (toward zero, the default: a fixed-width hardware adder that
 smaller addend to the larger exponent simply drops the shifted-out bits) or "nearest".
 Real tensor cores are more intricate (they add several products at a time with a shared
 alignment), so this is a model of the effect, not a bit-exact emulation of a GPU.
-``python -m minimoe.experiments.fp8_accumulation`` measures the error against K.
+``python -m minimoe.experiments.fp8_accumulation`` measures the error against K: with a
+14-bit truncating accumulator and no promotion, about 5% max relative error at K = 4096
+(the paper reports nearly 2%; round-to-nearest gives 0.1%), and about 0.2% at every K with
+promotion every 128.
 
 With ``accumulator_bits=None`` the accumulation is float32 throughout; the function then
 computes one float32 matmul of the dequantised operands (the same sum, in a different
