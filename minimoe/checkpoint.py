@@ -34,6 +34,26 @@ Tensor names (DeepSeek-V3 / V2; ``{i}`` a layer, ``{e}`` an expert):
     model.layers.{i}.mlp.experts.{e}.{gate,up,down}_proj.weight   one Linear per expert
     model.norm.weight, lm_head.weight
 
+The GQA families (Qwen3-MoE ``qwen3_moe``, Mixtral ``mixtral``, OLMoE ``olmoe``, GLM-4.5
+``glm4_moe``) use the Llama attention names instead of the MLA ones:
+
+    model.layers.{i}.self_attn.{q,k,v,o}_proj.weight        q/k/v .bias too for GLM-4.5
+    model.layers.{i}.self_attn.{q,k}_norm.weight            QK-norm: (D,) per head (Qwen3,
+                                                            GLM-4.5 use_qk_norm) or the full
+                                                            width (H*D,), (H_kv*D,) (OLMoE)
+
+and the same mlp.* names as DeepSeek (GLM-4.5 has shared experts and the selection bias;
+Qwen3 and OLMoE only gate + experts), except Mixtral, which keeps the original Mistral names:
+
+    model.layers.{i}.block_sparse_moe.gate.weight                 (E, C)   -> mlp.gate.weight
+    model.layers.{i}.block_sparse_moe.experts.{e}.w1.weight       (I, C)   gate_proj
+    model.layers.{i}.block_sparse_moe.experts.{e}.w3.weight       (I, C)   up_proj
+    model.layers.{i}.block_sparse_moe.experts.{e}.w2.weight       (C, I)   down_proj
+
+(transformers 5.x fuses experts in memory, gate_up_proj, but save_pretrained writes these
+per-expert hub names back.) All four rotate in the rotate-half layout already: no rows are
+permuted. GLM-4.5's MTP layer (model.layers.{num_hidden_layers}) has DeepSeek-V3's layout.
+
 minimoe keeps the same names without the ``model.`` prefix, except the routed experts: it
 stacks them (``minimoe.experts.RoutedExperts``), so ``mlp.experts.{e}.gate_proj.weight``
 (I, C) becomes slice ``[e]`` of ``mlp.experts.gate_proj`` (E, I, C). The loader allocates
@@ -89,8 +109,12 @@ from minimoe.config import ModelConfig
 from minimoe.model import Transformer
 from minimoe.rope import RotaryEmbedding, permute_rotary_rows
 
-SUPPORTED_MODEL_TYPES = ("deepseek_v3", "deepseek_v2", "kimi_k2")
+SUPPORTED_MODEL_TYPES = ("deepseek_v3", "deepseek_v2", "kimi_k2",
+                         "qwen3_moe", "mixtral", "olmoe", "glm4_moe")
 _EXPERT = re.compile(r"mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+# Mixtral's hub names (the original Mistral release): w1 = gate, w3 = up, w2 = down.
+_MIXTRAL_EXPERT = re.compile(r"^block_sparse_moe\.experts\.(\d+)\.(w1|w2|w3)\.weight$")
+_MIXTRAL_PROJ = {"w1": "gate_proj", "w2": "down_proj", "w3": "up_proj"}
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 # Read from the MTP layer's copies of shared tensors: nothing (minimoe shares them).
 _MTP_SHARED_COPIES = ("embed_tokens.weight", "shared_head.head.weight")
@@ -170,8 +194,11 @@ def dequantize_fp8_blocks(weight: torch.Tensor, scale_inv: torch.Tensor, block: 
 
 
 def _rope_is_interleaved(hf: dict) -> bool:
-    if hf.get("model_type") == "deepseek_v2":
+    model_type = hf.get("model_type")
+    if model_type == "deepseek_v2":
         return True  # DeepSeek-V2's code (and transformers' DeepseekV2) always is
+    if model_type not in ("deepseek_v3", "kimi_k2"):
+        return False  # Qwen3-MoE, Mixtral, OLMoE, GLM-4.5: rotate-half (their rotate_half)
     return bool(hf.get("rope_interleave", True))
 
 
@@ -379,6 +406,11 @@ def _map_name(name: str, num_layers: int, cfg: ModelConfig,
         if rest in _MTP_OWN:
             return f"mtp.{k}.{_MTP_OWN[rest]}", None
         prefix = f"mtp.{k}.block."
+    mixtral = _MIXTRAL_EXPERT.match(rest)
+    if mixtral is not None:
+        return f"{prefix}mlp.experts.{_MIXTRAL_PROJ[mixtral.group(2)]}", int(mixtral.group(1))
+    if rest == "block_sparse_moe.gate.weight":
+        return f"{prefix}mlp.gate.weight", None
     expert = _EXPERT.search(rest)
     if expert is not None:
         return f"{prefix}mlp.experts.{expert.group(2)}", int(expert.group(1))

@@ -323,13 +323,152 @@ class ModelConfig:
         return _from_hf_dict(hf)
 
 
+HF_MLA_MODEL_TYPES = ("deepseek_v3", "deepseek_v2", "kimi_k2")
+HF_GQA_MODEL_TYPES = ("qwen3_moe", "mixtral", "olmoe", "glm4_moe")
+
+
 def _from_hf_dict(hf: dict) -> ModelConfig:
-    """The DeepSeek-V3-family mapping (other families' layouts arrive with checkpoint loading)."""
+    """Dispatch on model_type: the DeepSeek (MLA) families or the GQA families."""
     model_type = hf.get("model_type", "deepseek_v3")
-    if model_type not in ("deepseek_v3", "deepseek_v2", "kimi_k2"):
+    if model_type in HF_GQA_MODEL_TYPES:
+        return _from_hf_gqa(hf, model_type)
+    if model_type not in HF_MLA_MODEL_TYPES:
         raise ValueError(
-            f"from_hf: model_type {model_type!r} is not mapped yet; known: deepseek_v3, deepseek_v2"
+            f"from_hf: model_type {model_type!r} is not mapped; known: "
+            f"{', '.join(HF_MLA_MODEL_TYPES + HF_GQA_MODEL_TYPES)}"
         )
+    return _from_hf_mla(hf, model_type)
+
+
+def _from_hf_gqa(hf: dict, model_type: str) -> ModelConfig:
+    """Qwen3-MoE, Mixtral, OLMoE and GLM-4.5 (glm4_moe): grouped-query attention + MoE FFN.
+
+    What each family's modeling code does (transformers 5.23 models/<type>/modeling_<type>.py,
+    which follow the released code), and the minimoe field it becomes:
+
+    ===============  ==========================  ===========================  ===================
+    family           attention                   router                       layers
+    ===============  ==========================  ===========================  ===================
+    qwen3_moe        GQA, per-head QK-norm       softmax top-k, renormalised  dense where
+                                                 iff norm_topk_prob           mlp_only_layers /
+                                                                              decoder_sparse_step
+    mixtral          GQA                         softmax top-k, always        all MoE
+                                                 renormalised
+    olmoe            QK-norm over the full       softmax top-k, renormalised  all MoE
+                     projected width             iff norm_topk_prob (false)
+    glm4_moe         GQA, bias on q/k/v, partial sigmoid + selection bias,    first_k_dense_replace
+                     rotary, per-head QK-norm    groups (top-2 sum), renorm,  dense; shared
+                     iff use_qk_norm             routed_scaling_factor        experts
+    ===============  ==========================  ===========================  ===================
+
+    All four rotate in the rotate-half layout (their ``rotate_half``), minimoe's own, so no
+    rows are permuted on load. A key that would make the checkpoint compute something minimoe
+    does not (sliding-window attention, clipped q/k/v, an o_proj bias, a layer pattern other
+    than "the first k layers dense", an activation other than SiLU) raises ValueError naming
+    the key. Keys that only affect training (router_jitter_noise, the dropouts) are ignored.
+    """
+    get = hf.get
+
+    def reject(key: str, why: str) -> None:
+        raise ValueError(f"from_hf({model_type}): {key}={get(key)!r} {why}; minimoe does not "
+                         "implement it, so the model would compute a different function")
+
+    if get("hidden_act", "silu") != "silu":
+        reject("hidden_act", "is not SwiGLU's silu")
+    # rope: transformers >= 5 writes rope_parameters; older and published configs rope_theta,
+    # rope_scaling and (GLM-4.5) partial_rotary_factor at the top level
+    parameters = dict(get("rope_parameters") or {})
+    rope_theta = parameters.pop("rope_theta", get("rope_theta", 1e6 if model_type == "mixtral"
+                                                  else 10000.0))
+    partial = parameters.pop("partial_rotary_factor", get("partial_rotary_factor"))
+    if partial is None:
+        partial = 0.5 if model_type == "glm4_moe" else 1.0  # the classes' defaults
+    if partial != 1.0 and model_type != "glm4_moe":
+        reject("partial_rotary_factor", f"is {partial}, but {model_type} rotates whole heads")
+    rope_scaling = parameters or get("rope_scaling")
+    kind = (rope_scaling or {}).get("rope_type", (rope_scaling or {}).get("type", "default"))
+    if kind in (None, "default"):
+        rope_scaling = None
+    elif kind not in ("linear", "dynamic", "yarn"):
+        raise ValueError(f"from_hf({model_type}): rope type {kind!r} (rope_parameters / "
+                         "rope_scaling) is not implemented by minimoe.rope")
+
+    num_layers = hf["num_hidden_layers"]
+    heads = hf["num_attention_heads"]
+    kv_heads = get("num_key_value_heads") or heads
+    head_dim = get("head_dim") or hf["hidden_size"] // heads
+    experts = get("n_routed_experts") or get("num_experts") or get("num_local_experts") or 0
+
+    # which layers are MoE: minimoe's rule is "all but the first first_k_dense_replace"
+    first_dense = get("first_k_dense_replace", 0) or 0
+    if model_type == "qwen3_moe":
+        mlp_only = set(get("mlp_only_layers") or [])
+        step = get("decoder_sparse_step", 1) or 1
+        sparse = [i for i in range(num_layers) if i not in mlp_only and (i + 1) % step == 0]
+        first_dense = num_layers - len(sparse)
+        if experts and sparse != list(range(first_dense, num_layers)):
+            key = "mlp_only_layers" if step == 1 else "decoder_sparse_step"
+            reject(key, f"makes layers {sparse} sparse, not a dense prefix then all MoE")
+        if get("shared_expert_intermediate_size"):
+            reject("shared_expert_intermediate_size", "asks for a Qwen2-MoE-style gated "
+                   "shared expert")
+    # sliding-window attention
+    if model_type == "qwen3_moe":
+        if get("use_sliding_window") and get("sliding_window") is not None:
+            reject("use_sliding_window", f"with sliding_window={get('sliding_window')}")
+    elif get("sliding_window") is not None:
+        reject("sliding_window", "is set (sliding-window attention)")
+    if get("clip_qkv") is not None:
+        reject("clip_qkv", "clamps q, k and v")
+    attention_bias = bool(get("attention_bias", False))
+    if attention_bias and model_type in ("qwen3_moe", "olmoe"):
+        reject("attention_bias", "puts a bias on o_proj too (minimoe: q/k/v only)")
+    if model_type == "mixtral":
+        attention_bias = False  # MixtralAttention has no bias, whatever the key says
+    qk_norm = {"qwen3_moe": "per_head", "olmoe": "full", "mixtral": "none",
+               "glm4_moe": "per_head" if get("use_qk_norm", False) else "none"}[model_type]
+
+    expert_width = get("moe_intermediate_size") or hf["intermediate_size"]
+    glm = model_type == "glm4_moe"
+    values = dict(
+        name=get("_name_or_path", model_type) or model_type,
+        vocab_size=hf["vocab_size"],
+        hidden_size=hf["hidden_size"],
+        num_hidden_layers=num_layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        head_dim=head_dim,
+        intermediate_size=hf["intermediate_size"],
+        max_position_embeddings=get("max_position_embeddings", 4096),
+        rms_norm_eps=get("rms_norm_eps", 1e-6),
+        tie_word_embeddings=get("tie_word_embeddings", False),
+        attention="gqa" if kv_heads < heads else "mha",
+        attention_bias=attention_bias,
+        qk_norm=qk_norm,
+        rope_theta=rope_theta,
+        rope_scaling=rope_scaling,
+        partial_rotary_factor=partial,
+        n_routed_experts=experts,
+        num_experts_per_tok=get("num_experts_per_tok") or 1,
+        moe_intermediate_size=expert_width,
+        n_shared_experts=(get("n_shared_experts", 1) or 0) if glm else 0,
+        first_k_dense_replace=first_dense,
+        scoring_func="sigmoid" if glm else "softmax",
+        topk_method="noaux_tc" if glm else "greedy",
+        n_group=(get("n_group") or 1) if glm else 1,
+        topk_group=(get("topk_group") or 1) if glm else 1,
+        norm_topk_prob=True if model_type == "mixtral" else
+        bool(get("norm_topk_prob", glm)),
+        routed_scaling_factor=get("routed_scaling_factor", 1.0) if glm else 1.0,
+        use_expert_bias=glm,
+        aux_loss_alpha=0.0 if glm else get("router_aux_loss_coef", 0.0),
+        num_nextn_predict_layers=(get("num_nextn_predict_layers", 0) or 0) if glm else 0,
+    )
+    return ModelConfig(**values)
+
+
+def _from_hf_mla(hf: dict, model_type: str) -> ModelConfig:
+    """The DeepSeek-V3 / V2 / Kimi-K2 mapping (Multi-head Latent Attention)."""
     get = hf.get
     # transformers >= 5 writes rope_parameters = {"rope_type", "rope_theta", scaling keys...}
     # instead of rope_theta + rope_scaling; older configs (and DeepSeek's own) use the latter.
