@@ -420,6 +420,20 @@ def _from_hf_gqa(hf: dict, model_type: str) -> ModelConfig:
         reject("sliding_window", "is set (sliding-window attention)")
     if get("clip_qkv") is not None:
         reject("clip_qkv", "clamps q, k and v")
+    # keys of related families / newer configs that would change the layer pattern or router
+    if any(kind != "full_attention" for kind in get("layer_types") or []):
+        reject("layer_types", "mixes attention kinds")
+    mlp_types = get("mlp_layer_types")
+    if mlp_types is not None and list(mlp_types) != (
+            ["dense"] * first_dense + ["sparse"] * (num_layers - first_dense)):
+        reject("mlp_layer_types", f"is not {first_dense} dense layers then sparse ones")
+    if (get("moe_layer_freq", 1) or 1) != 1:
+        reject("moe_layer_freq", "makes only some layers MoE")
+    if model_type == "glm4_moe":
+        if get("scoring_func", "sigmoid") != "sigmoid":
+            reject("scoring_func", "is not GLM-4.5's sigmoid")
+        if get("topk_method", "noaux_tc") != "noaux_tc":
+            reject("topk_method", "is not GLM-4.5's noaux_tc")
     attention_bias = bool(get("attention_bias", False))
     if attention_bias and model_type in ("qwen3_moe", "olmoe"):
         reject("attention_bias", "puts a bias on o_proj too (minimoe: q/k/v only)")

@@ -174,9 +174,49 @@ def test_from_hf_maps_each_family():
     ("olmoe", dict(clip_qkv=8.0), "clip_qkv"),
     ("olmoe", dict(attention_bias=True), "attention_bias"),
     ("glm4_moe", dict(rope_parameters={"rope_type": "longrope", "rope_theta": 1e4}), "longrope"),
+    ("glm4_moe", dict(scoring_func="softmax"), "scoring_func"),
+    ("glm4_moe", dict(first_k_dense_replace=1, mlp_layer_types=["dense", "sparse", "dense"]),
+     "mlp_layer_types"),
+    ("qwen3_moe", dict(layer_types=["full_attention", "sliding_attention", "full_attention"]),
+     "layer_types"),
 ])
 def test_from_hf_refuses_keys_that_change_the_function(model_type, changes, key):
     hf = {**BASE, "model_type": model_type, "num_experts": 8, "num_experts_per_tok": 2,
           "moe_intermediate_size": 16, **changes}
     with pytest.raises(ValueError, match=key):
         ModelConfig.from_hf(hf)
+
+
+def test_glm_mtp_layer_loads_into_model_mtp(tmp_path):
+    """GLM-4.5 publishes its MTP module as model.layers.{num_hidden_layers}, DeepSeek-V3's layout."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    _save_hf("glm4_moe", "qknorm-groups", tmp_path / "hf", seed=30)
+    tensors = {}
+    for shard in sorted((tmp_path / "hf").glob("*.safetensors")):
+        with safe_open(str(shard), framework="pt") as handle:
+            tensors.update({name: handle.get_tensor(name) for name in handle.keys()})
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    n, C = config["num_hidden_layers"], config["hidden_size"]
+    generator = torch.Generator().manual_seed(31)
+    mtp = {f"model.layers.{n}." + name[len(f"model.layers.{n - 1}."):]:
+           torch.randn(tensor.shape, generator=generator)
+           for name, tensor in tensors.items() if name.startswith(f"model.layers.{n - 1}.")}
+    for own, shape in (("enorm.weight", (C,)), ("hnorm.weight", (C,)),
+                       ("eh_proj.weight", (C, 2 * C)), ("shared_head.norm.weight", (C,))):
+        mtp[f"model.layers.{n}.{own}"] = torch.randn(shape, generator=generator)
+    mtp[f"model.layers.{n}.embed_tokens.weight"] = tensors["model.embed_tokens.weight"].clone()
+    mtp[f"model.layers.{n}.shared_head.head.weight"] = tensors["lm_head.weight"].clone()
+    folder = tmp_path / "with-mtp"
+    folder.mkdir()
+    save_file({**tensors, **mtp}, str(folder / "model.safetensors"))
+    (folder / "config.json").write_text(json.dumps(config))
+    model = minimoe.load_pretrained(folder)
+    assert len(model.mtp) == 1
+    state = model.state_dict()
+    torch.testing.assert_close(state["mtp.0.eh_proj.weight"], mtp[f"model.layers.{n}.eh_proj.weight"])
+    torch.testing.assert_close(state["mtp.0.block.self_attn.q_proj.bias"],
+                               mtp[f"model.layers.{n}.self_attn.q_proj.bias"])
+    torch.testing.assert_close(state["mtp.0.block.mlp.experts.down_proj"][5],
+                               mtp[f"model.layers.{n}.mlp.experts.5.down_proj.weight"])
