@@ -52,6 +52,7 @@ from minimoe.attention import Attention
 from minimoe.cache import KVCache
 from minimoe.config import ModelConfig
 from minimoe.experts import RoutedExperts, SwiGLU
+from minimoe.kernel_switch import follows_config_kernels
 from minimoe.mla import MultiHeadLatentAttention
 from minimoe.moe import MoE
 from minimoe.norm import RMSNorm
@@ -81,6 +82,7 @@ class DecoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_index: int) -> None:
         super().__init__()
         self.layer_index = layer_index
+        self.kernels = cfg.kernels  # "reference" | "triton", set around forward (and its recompute)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         if cfg.attention == "mla":
             self.self_attn = MultiHeadLatentAttention(cfg, layer_index)
@@ -93,6 +95,7 @@ class DecoderLayer(nn.Module):
         else:
             self.mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size)
 
+    @follows_config_kernels
     def forward(
         self, x: torch.Tensor, positions: torch.Tensor, cache: Optional[KVCache] = None
     ) -> tuple[torch.Tensor, Optional[dict]]:
@@ -141,6 +144,7 @@ class Transformer(nn.Module):
         from minimoe.mtp import MTPModule  # mtp builds DecoderLayer: import here, no cycle
 
         self.cfg = cfg
+        self.kernels = cfg.kernels  # the kernel switch: "reference" | "triton" (minimoe.kernel_switch)
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
@@ -167,6 +171,7 @@ class Transformer(nn.Module):
                 nn.init.normal_(weight, mean=0.0, std=std)
 
     # ---- forward -------------------------------------------------------------------------------
+    @follows_config_kernels
     def forward(
         self,
         input_ids: torch.Tensor,

@@ -33,12 +33,17 @@ What the reader should notice
   zero, and keeps their gradient finite.
 * The gain is a parameter named ``weight`` so that checkpoint tensors such as
   ``model.layers.0.input_layernorm.weight`` load without renaming.
+* With ``ModelConfig.kernels = "triton"`` the forward runs ``minimoe.kernels.rmsnorm``
+  instead, one fused Triton kernel (see ``minimoe.kernel_switch``); the code below is the
+  reference it is tested against.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+from minimoe import kernel_switch
 
 
 class RMSNorm(nn.Module):
@@ -53,6 +58,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))  # (dim,) learned gain
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        kernel = kernel_switch.rmsnorm_kernel(x)  # None unless kernels="triton" can run here
+        if kernel is not None:
+            return kernel(x, self.weight, self.eps)  # minimoe.kernels.rmsnorm: one fused kernel
         input_dtype = x.dtype
         x32 = x.float()  # (..., dim) statistics in float32
         mean_square = x32.pow(2).mean(dim=-1, keepdim=True)  # (..., 1)

@@ -152,6 +152,8 @@ What the reader should notice
 * RoPE has no parameters: ``inv_freq`` is a non-persistent buffer, absent from
   checkpoints.
 * Only the *query-key* dot product is rotated; values never are.
+* With ``ModelConfig.kernels = "triton"``, ``apply_rotary`` runs ``minimoe.kernels.rope``
+  (one fused Triton kernel, see ``minimoe.kernel_switch``); the code here is its reference.
 """
 
 from __future__ import annotations
@@ -160,6 +162,8 @@ import math
 
 import torch
 from torch import nn
+
+from minimoe import kernel_switch
 
 IMPLEMENTED_SCALINGS = ("default", "linear", "ntk", "dynamic", "yarn")
 
@@ -348,6 +352,9 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     Computed in float32, returned in x.dtype.
     """
     rotary_dim = _check_rotary_width(x, cos)
+    kernel = kernel_switch.rotary_kernel(x)  # None unless kernels="triton" can run here
+    if kernel is not None and cos.dim() == 2 and cos.shape[0] == x.shape[-2]:
+        return kernel(x, cos, sin)  # minimoe.kernels.rope: one fused kernel
     x_rot = x[..., :rotary_dim].float()  # (B, H, T, rotary_dim)
     x_pass = x[..., rotary_dim:]  # (B, H, T, D - rotary_dim) untouched
     rotated = x_rot * cos + rotate_half(x_rot) * sin  # (B, H, T, rotary_dim)

@@ -1,0 +1,136 @@
+"""The one kernel switch: ``ModelConfig.kernels = "reference" | "triton"``.
+
+How it works
+------------
+The reference modules (``minimoe.norm.RMSNorm``, ``minimoe.rope.apply_rotary``, ...) stay
+plain PyTorch. At the top of their forward they ask this module "is there a Triton kernel
+to use for this tensor?" (``rmsnorm_kernel(x)``, ``rotary_kernel(x)``); the answer is a
+function from ``minimoe.kernels`` or None, and None means "run the PyTorch code below".
+
+Which answer they get depends on the *current choice*, a context variable that
+``Transformer.forward`` and ``DecoderLayer.forward`` set from their config (the
+``@follows_config_kernels`` decorator below). The decoder layer sets it too so that
+activation checkpointing, which re-runs a layer during the backward pass outside the
+model's forward, recomputes with the same kernels. You can also set it by hand around
+any piece of code, e.g. a standalone attention module::
+
+    with kernel_switch.use_kernels("triton"):
+        y = attention(x, positions)
+
+When "triton" cannot run
+------------------------
+Triton compiles for GPUs. With ``kernels="triton"`` on a machine without CUDA (or with the
+tensors on the CPU, or without the triton package) the switch warns once, naming the
+reason, and the reference path runs: the numbers are the same, only the speed differs.
+
+The exception is Triton's interpreter: with the environment variable ``TRITON_INTERPRET=1``
+the kernels run on CPU tensors, executed op by op by numpy. It is slow (use small
+shapes), but it lets a reader without a GPU step through a kernel, and it is how the
+tests check the kernels on CPU-only CI. Triton reads the variable when ``@triton.jit``
+decorates a function, i.e. when the kernel module is *imported*; set it before starting
+Python (``TRITON_INTERPRET=1 python ...``) or before the first import. If the variable
+changes after a kernel module was imported, the switch re-imports that module so that
+the kernels match the current setting (each module records how it was built in
+``INTERPRETED``).
+
+Dependency direction: this module imports ``minimoe.kernels`` lazily, only when the
+choice is "triton", so importing minimoe never needs triton.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import functools
+import importlib
+import warnings
+from typing import Callable, Iterator, Optional
+
+import torch
+
+KERNEL_CHOICES = ("reference", "triton")
+
+_choice: contextvars.ContextVar[str] = contextvars.ContextVar("minimoe_kernels", default="reference")
+_warned: set[str] = set()  # reasons already explained (each is warned about once per process)
+
+
+def current_kernels() -> str:
+    """The choice in effect here: "reference" or "triton"."""
+    return _choice.get()
+
+
+@contextlib.contextmanager
+def use_kernels(choice: str) -> Iterator[None]:
+    """Run the enclosed code with ``choice`` ("reference" | "triton") as the kernel choice."""
+    if choice not in KERNEL_CHOICES:
+        raise ValueError(f"kernels must be one of {KERNEL_CHOICES}, got {choice!r}")
+    token = _choice.set(choice)
+    try:
+        yield
+    finally:
+        _choice.reset(token)
+
+
+def follows_config_kernels(forward: Callable) -> Callable:
+    """Decorator for a module's forward: run it under the module's ``self.kernels`` choice."""
+
+    @functools.wraps(forward)
+    def wrapped(self, *args, **kwargs):
+        with use_kernels(self.kernels):
+            return forward(self, *args, **kwargs)
+
+    return wrapped
+
+
+def _why_not_triton(x: torch.Tensor) -> Optional[str]:
+    """None when the Triton kernels can run on x here, else the reason they cannot."""
+    try:
+        import triton
+    except ImportError:
+        return "the triton package is not installed"
+    if triton.knobs.runtime.interpret:
+        return None  # the interpreter runs the kernels on CPU tensors
+    if not torch.cuda.is_available():
+        return "no CUDA GPU is available (torch.cuda.is_available() is False)"
+    if x.device.type != "cuda":
+        return f"the tensors are on {x.device}, not on a CUDA device"
+    return None
+
+
+def _kernel_module(name: str):
+    """Import minimoe.kernels.<name>, re-importing it if TRITON_INTERPRET changed since."""
+    import triton
+
+    module = importlib.import_module(f"minimoe.kernels.{name}")
+    if module.INTERPRETED != bool(triton.knobs.runtime.interpret):
+        module = importlib.reload(module)
+    return module
+
+
+def _kernel(x: torch.Tensor, module_name: str, function_name: str) -> Optional[Callable]:
+    if _choice.get() != "triton":
+        return None
+    reason = _why_not_triton(x)
+    if reason is not None:
+        if reason not in _warned:
+            _warned.add(reason)
+            warnings.warn(
+                f"kernels='triton' was chosen but {reason}; running the reference PyTorch path "
+                "instead (same numbers, PyTorch speed). To run the Triton kernels on the CPU "
+                "through Triton's interpreter (slow; for tests and reading), set "
+                "TRITON_INTERPRET=1 before starting Python.",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+        return None
+    return getattr(_kernel_module(module_name), function_name)
+
+
+def rmsnorm_kernel(x: torch.Tensor) -> Optional[Callable]:
+    """``minimoe.kernels.rmsnorm.rms_norm`` if the current choice runs it on x, else None."""
+    return _kernel(x, "rmsnorm", "rms_norm")
+
+
+def rotary_kernel(x: torch.Tensor) -> Optional[Callable]:
+    """``minimoe.kernels.rope.apply_rotary`` if the current choice runs it on x, else None."""
+    return _kernel(x, "rope", "apply_rotary")
