@@ -32,9 +32,10 @@ What the reader should notice
 * All arithmetic is float32 whatever the input dtype, as in the reference; only the loads
   and stores see float16/bfloat16.
 
-Running it without a GPU: set ``TRITON_INTERPRET=1`` *before* this module is imported
-(``@triton.jit`` reads it when the function is decorated); the kernels then run on CPU
-tensors through Triton's interpreter (slow, for tests and reading).
+Running it without a GPU: set ``TRITON_INTERPRET=1`` before triton is first imported (best:
+before starting Python). ``@triton.jit`` reads it when it decorates a function, here and in
+triton.language itself; the kernels then run on CPU tensors through Triton's interpreter
+(slow, for tests and reading). See ``minimoe.kernel_switch``.
 """
 
 from __future__ import annotations
@@ -42,10 +43,6 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-
-# True when this module was imported with TRITON_INTERPRET=1 (the kernels below are then
-# interpreted Python, not compiled GPU code); minimoe.kernel_switch re-imports on a mismatch.
-INTERPRETED = bool(triton.knobs.runtime.interpret)
 
 
 @triton.jit
@@ -161,6 +158,11 @@ def _rms_norm_backward_kernel(
 
     # 6. one write of the partial dw per program; the host sums the partials
     tl.store(dW_partial_ptr + program * dW_partial_row_stride + cols, dw, mask=mask)  # write N
+
+
+# True when this module was imported with TRITON_INTERPRET=1: @triton.jit then built
+# interpreted Python functions instead of GPU kernels (minimoe.kernel_switch checks it).
+INTERPRETED = not isinstance(_rms_norm_forward_kernel, triton.runtime.JITFunction)
 
 
 def _backward_programs(n_rows: int, device: torch.device) -> int:

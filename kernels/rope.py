@@ -37,7 +37,8 @@ What the reader should notice
   the strides of batch, head and position, so no copy is made; the output is contiguous.
 * cos and sin are float32 and the rotation is float32; only the store casts to x.dtype.
 
-Running it without a GPU: set ``TRITON_INTERPRET=1`` *before* this module is imported.
+Running it without a GPU: set ``TRITON_INTERPRET=1`` before triton is first imported (see
+kernels/rmsnorm.py and ``minimoe.kernel_switch``).
 """
 
 from __future__ import annotations
@@ -45,9 +46,6 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-
-# True when this module was imported with TRITON_INTERPRET=1 (see kernels/rmsnorm.py).
-INTERPRETED = bool(triton.knobs.runtime.interpret)
 
 
 @triton.jit
@@ -122,6 +120,11 @@ def _rotary_kernel(
         keep = cols < head_dim
         passed = tl.load(x_row + cols, mask=keep, other=0.0)  # read D - d
         tl.store(y_row + cols, passed, mask=keep)  # write D - d
+
+
+# True when this module was imported with TRITON_INTERPRET=1: @triton.jit then built
+# interpreted Python functions instead of GPU kernels (minimoe.kernel_switch checks it).
+INTERPRETED = not isinstance(_rotary_kernel, triton.runtime.JITFunction)
 
 
 def _launch(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward: bool) -> torch.Tensor:

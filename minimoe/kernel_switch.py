@@ -28,10 +28,11 @@ the kernels run on CPU tensors, executed op by op by numpy. It is slow (use smal
 shapes), but it lets a reader without a GPU step through a kernel, and it is how the
 tests check the kernels on CPU-only CI. Triton reads the variable when ``@triton.jit``
 decorates a function, i.e. when the kernel module is *imported*; set it before starting
-Python (``TRITON_INTERPRET=1 python ...``) or before the first import. If the variable
-changes after a kernel module was imported, the switch re-imports that module so that
-the kernels match the current setting (each module records how it was built in
-``INTERPRETED``).
+Python (``TRITON_INTERPRET=1 python ...``) or at least before anything imports triton.
+The choice is then fixed for the whole process: triton.language's own helpers (``tl.sum``,
+...) are built for one mode at import, and GPU and interpreted functions do not mix. So
+the switch asks triton how it was imported (``triton_interpreted``), not the variable's
+current value, and each kernel module records its own mode in ``INTERPRETED``.
 
 Dependency direction: this module imports ``minimoe.kernels`` lazily, only when the
 choice is "triton", so importing minimoe never needs triton.
@@ -43,6 +44,7 @@ import contextlib
 import contextvars
 import functools
 import importlib
+import os
 import warnings
 from typing import Callable, Iterator, Optional
 
@@ -82,14 +84,30 @@ def follows_config_kernels(forward: Callable) -> Callable:
     return wrapped
 
 
+def triton_interpreted() -> bool:
+    """Whether this process's triton runs kernels through the interpreter.
+
+    Decided once, when triton is first imported: ``triton.language``'s own helpers
+    (``tl.sum``, ...) are ``@triton.jit`` functions built for the GPU or for the
+    interpreter according to TRITON_INTERPRET at that moment, and the two kinds do not mix.
+    """
+    import triton.language as tl
+    from triton.runtime.jit import JITFunction
+
+    return not isinstance(tl.sum, JITFunction)
+
+
 def _why_not_triton(x: torch.Tensor) -> Optional[str]:
     """None when the Triton kernels can run on x here, else the reason they cannot."""
     try:
-        import triton
+        import triton  # noqa: F401  (only: is it installed?)
     except ImportError:
         return "the triton package is not installed"
-    if triton.knobs.runtime.interpret:
+    if triton_interpreted():
         return None  # the interpreter runs the kernels on CPU tensors
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        return ("TRITON_INTERPRET was set after triton had been imported (triton reads it at "
+                "import: set it before starting Python)")
     if not torch.cuda.is_available():
         return "no CUDA GPU is available (torch.cuda.is_available() is False)"
     if x.device.type != "cuda":
@@ -97,13 +115,15 @@ def _why_not_triton(x: torch.Tensor) -> Optional[str]:
     return None
 
 
-def _kernel_module(name: str):
-    """Import minimoe.kernels.<name>, re-importing it if TRITON_INTERPRET changed since."""
-    import triton
-
+def kernel_module(name: str):
+    """Import minimoe.kernels.<name>, checking it was built for the same mode as triton itself."""
     module = importlib.import_module(f"minimoe.kernels.{name}")
-    if module.INTERPRETED != bool(triton.knobs.runtime.interpret):
-        module = importlib.reload(module)
+    if module.INTERPRETED != triton_interpreted():
+        raise RuntimeError(
+            f"minimoe.kernels.{name} was imported with TRITON_INTERPRET "
+            f"{'set' if module.INTERPRETED else 'unset'}, but triton itself with it "
+            f"{'set' if triton_interpreted() else 'unset'}: set TRITON_INTERPRET before "
+            "starting Python, not in between")
     return module
 
 
@@ -123,7 +143,7 @@ def _kernel(x: torch.Tensor, module_name: str, function_name: str) -> Optional[C
                 stacklevel=4,
             )
         return None
-    return getattr(_kernel_module(module_name), function_name)
+    return getattr(kernel_module(module_name), function_name)
 
 
 def rmsnorm_kernel(x: torch.Tensor) -> Optional[Callable]:
