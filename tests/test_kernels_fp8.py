@@ -1,0 +1,152 @@
+"""The Triton FP8 kernels (minimoe.kernels.fp8_quant, fp8_gemm) against minimoe.fp8, on the CPU.
+
+The kernels run through Triton's interpreter, which must be chosen before triton is first
+imported (see tests/test_kernels_rmsnorm.py): this module sets TRITON_INTERPRET=1 at the top
+and skips when another import got to triton first.
+
+The interpreter's own fp32 -> float8_e4m3fn cast rounds some values wrongly (a rounding carry
+across a power of two is lost, subnormals are truncated); act_quant rounds to the e4m3 grid
+itself before casting, so its FP8 values must equal torch's bit for bit, and so must the
+scales (the fp32 scale is one float32 division in both).
+"""
+
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+pytest.importorskip("triton")
+
+from minimoe import fp8, kernel_switch  # noqa: E402
+
+if not kernel_switch.triton_interpreted():
+    pytest.skip("triton was imported before TRITON_INTERPRET=1 was set; run this file alone",
+                allow_module_level=True)
+
+from minimoe.kernels.fp8_quant import act_quant, weight_dequant  # noqa: E402
+
+# (..., K): one short row, K just past a tile edge, a partial second tile, leading dims
+ACT_SHAPES = [(1, 100), (5, 200), (2, 3, 130), (4, 256), (3, 1)]
+# (N, K): one block, partial blocks in either or both dims, a single row
+WEIGHT_SHAPES = [(100, 60), (130, 200), (256, 129), (1, 256)]
+
+
+def assert_same_fp8(q, q_ref):
+    """Bit for bit, signed zeros included."""
+    assert q.dtype == q_ref.dtype == torch.float8_e4m3fn and q.shape == q_ref.shape
+    different = q.view(torch.uint8) != q_ref.view(torch.uint8)
+    assert not bool(different.any()), f"{int(different.sum())} of {q.numel()} values differ"
+
+
+@pytest.mark.parametrize("scale_fmt", fp8.SCALE_FORMATS)
+@pytest.mark.parametrize("shape", ACT_SHAPES, ids=str)
+def test_act_quant_matches_reference(shape, scale_fmt):
+    x = torch.randn(shape) * torch.logspace(-3, 3, shape[-1])  # magnitudes vary across tiles
+    q, scale = act_quant(x, scale_fmt)
+    q_ref, scale_ref = fp8.quantize_act_1x128(x, scale_fmt)
+    assert scale.dtype == torch.float32 and scale.shape == scale_ref.shape
+    assert torch.equal(scale, scale_ref)
+    assert_same_fp8(q, q_ref)
+
+
+def test_act_quant_rounds_every_e4m3_value_and_midpoint_like_torch():
+    """Ties go to even, carries cross powers of two, subnormals round, 448 is kept.
+
+    Each row holds 448 (so its scale is exactly 1) and then e4m3 values or the midpoints
+    between neighbours, signed zeros included.
+    """
+    values = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
+    values = values[torch.isfinite(values)].sort().values  # (254,) both zeros, +-2^-9 .. +-448
+    midpoints = (values[1:] + values[:-1]) / 2
+    x = torch.cat([values, midpoints, torch.full((2,), 448.0)])  # (509,) -> (4, 127) + 1 col
+    x = torch.cat([torch.full((4, 1), 448.0), x[:508].view(4, 127)], dim=1)  # (4, 128)
+    q, scale = act_quant(x)
+    q_ref, scale_ref = fp8.quantize_act_1x128(x)
+    assert bool((scale == 1).all()) and torch.equal(scale, scale_ref)
+    assert_same_fp8(q, q_ref)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_act_quant_half_precision_input(dtype):
+    x = torch.randn(3, 150).mul(20).to(dtype)
+    q, scale = act_quant(x, "fp32")
+    q_ref, scale_ref = fp8.quantize_act_1x128(x, "fp32")
+    assert torch.equal(scale, scale_ref)
+    assert_same_fp8(q, q_ref)
+
+
+@pytest.mark.parametrize("scale_fmt", fp8.SCALE_FORMATS)
+def test_act_quant_zero_rows_and_tiles(scale_fmt):
+    """All-zero rows and tiles get the floored scale (1e-4 / 448, finite) and zero values."""
+    x = torch.randn(4, 200)
+    x[1] = 0.0
+    x[2, 128:] = 0.0  # the second (partial) tile of row 2
+    q, scale = act_quant(x, scale_fmt)
+    _, scale_ref = fp8.quantize_act_1x128(x, scale_fmt)
+    assert torch.equal(scale, scale_ref)  # floor / 448 is one float32 division in both
+    assert torch.isfinite(scale).all() and (scale > 0).all()
+    assert (q[1].float() == 0).all() and (q[2, 128:].float() == 0).all()
+
+
+def test_act_quant_strided_rows():
+    """Rows with a gap between them (a column slice) are read in place."""
+    base = torch.randn(6, 300)
+    x = base[:, :170]
+    q, scale = act_quant(x)
+    q_ref, scale_ref = fp8.quantize_act_1x128(x.contiguous())
+    assert torch.equal(scale, scale_ref)
+    assert_same_fp8(q, q_ref)
+
+
+def test_act_quant_checks_its_input():
+    with pytest.raises(ValueError, match="float32, bfloat16 or float16"):
+        act_quant(torch.zeros(2, 8, dtype=torch.int32))
+    with pytest.raises(ValueError, match="scale_fmt"):
+        act_quant(torch.zeros(2, 8), "e8m0")
+    with pytest.raises(ValueError, match="unit stride"):
+        act_quant(torch.zeros(8, 3).t())
+
+
+@pytest.mark.parametrize("scale_fmt", fp8.SCALE_FORMATS)
+@pytest.mark.parametrize("shape", WEIGHT_SHAPES, ids=str)
+def test_weight_dequant_matches_reference(shape, scale_fmt):
+    w = torch.randn(shape) * 0.02
+    w[: min(shape[0], 128), : min(shape[1], 128)] *= 100  # blocks of different magnitude
+    q, scale_inv = fp8.quantize_weight_128x128(w, scale_fmt)
+    out = weight_dequant(q, scale_inv)
+    assert out.dtype == torch.float32 and out.shape == w.shape
+    # the same q and scale_inv: one float32 multiply per element in both, so exactly equal
+    assert torch.equal(out, fp8.dequantize_weight_128x128(q, scale_inv))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_weight_dequant_half_precision_output(dtype):
+    q, scale_inv = fp8.quantize_weight_128x128(torch.randn(130, 70))
+    out = weight_dequant(q, scale_inv, dtype=dtype)
+    assert out.dtype == dtype
+    # the interpreter's float32 -> bfloat16 cast is not round-to-nearest: one ulp apart
+    torch.testing.assert_close(out, fp8.dequantize_weight_128x128(q, scale_inv).to(dtype))
+
+
+def test_weight_dequant_smaller_block():
+    """block is a parameter: 64x64 blocks need a (ceil(N/64), ceil(K/64)) scale."""
+    q = torch.randn(100, 70).clamp(-400, 400).to(torch.float8_e4m3fn)
+    scale_inv = torch.rand(2, 2) + 0.5
+    full = scale_inv.repeat_interleave(64, 0).repeat_interleave(64, 1)[:100, :70]
+    assert torch.equal(weight_dequant(q, scale_inv, block=64), q.float() * full)
+
+
+def test_weight_dequant_checks_its_input():
+    q, s = fp8.quantize_weight_128x128(torch.randn(130, 70))
+    with pytest.raises(ValueError, match="float8_e4m3fn"):
+        weight_dequant(q.float(), s)
+    with pytest.raises(ValueError, match="float32"):
+        weight_dequant(q, s.double())
+    with pytest.raises(ValueError, match=r"ceil\(N/128\)"):
+        weight_dequant(q, s[:1])
+    with pytest.raises(ValueError, match="contiguous"):
+        weight_dequant(q.t().contiguous().t(), s)  # (130, 70) with column-major strides
+    with pytest.raises(ValueError, match="2-D"):
+        weight_dequant(q[0], s)
