@@ -25,6 +25,7 @@ if not kernel_switch.triton_interpreted():
     pytest.skip("triton was imported before TRITON_INTERPRET=1 was set; run this file alone",
                 allow_module_level=True)
 
+from minimoe.kernels.fp8_gemm import fp8_gemm  # noqa: E402
 from minimoe.kernels.fp8_quant import act_quant, weight_dequant  # noqa: E402
 
 # (..., K): one short row, K just past a tile edge, a partial second tile, leading dims
@@ -150,3 +151,76 @@ def test_weight_dequant_checks_its_input():
         weight_dequant(q.t().contiguous().t(), s)  # (130, 70) with column-major strides
     with pytest.raises(ValueError, match="2-D"):
         weight_dequant(q[0], s)
+
+
+# ----------------------------------------------------------------------------- the GEMM
+# (M, K, N): partial K blocks, partial N blocks, one row, exact multiples of 128
+GEMM_SHAPES = [(16, 130, 200), (1, 128, 256), (37, 256, 100), (5, 60, 129), (70, 200, 17)]
+
+
+def quantised_operands(M, K, N, scale_fmt="fp32"):
+    a = torch.randn(M, K) * torch.logspace(-2, 2, K)  # K blocks of different magnitude
+    w = torch.randn(N, K) * 0.05
+    w[: min(N, 128)] *= 30  # weight blocks of different magnitude along N
+    a_q, a_scale = fp8.quantize_act_1x128(a, scale_fmt)
+    w_q, w_scale = fp8.quantize_weight_128x128(w, scale_fmt)
+    return a_q, a_scale, w_q, w_scale
+
+
+def assert_close_to_reference(y, a_q, a_scale, w_q, w_scale):
+    """Both sum the same float32 products in another order: relative to sum |a_k w_k|."""
+    y_ref = fp8.fp8_matmul_reference(a_q, a_scale, w_q, w_scale)  # promotion every 128, fp32
+    magnitude = (fp8.dequantize_act_1x128(a_q, a_scale).abs()
+                 @ fp8.dequantize_weight_128x128(w_q, w_scale).abs().T)  # (M, N)
+    assert y.dtype == torch.float32 and y.shape == y_ref.shape
+    err = (y - y_ref).abs()
+    assert bool((err <= 1e-5 * magnitude + 1e-30).all()), f"max err {(err / magnitude).max()}"
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5 * y_ref.abs().max().item())
+
+
+@pytest.mark.parametrize("scale_fmt", fp8.SCALE_FORMATS)
+@pytest.mark.parametrize("shape", GEMM_SHAPES, ids=str)
+def test_fp8_gemm_matches_reference(shape, scale_fmt):
+    M, K, N = shape
+    operands = quantised_operands(M, K, N, scale_fmt)
+    assert_close_to_reference(fp8_gemm(*operands), *operands)
+
+
+def test_fp8_gemm_after_act_quant_with_leading_dims():
+    """The inference path: act_quant a (B, T, K) activation, multiply by a stored FP8 weight."""
+    x = torch.randn(2, 3, 150)
+    w_q, w_scale = fp8.quantize_weight_128x128(torch.randn(40, 150) * 0.1)
+    x_q, x_scale = act_quant(x)
+    y = fp8_gemm(x_q, x_scale, w_q, w_scale)
+    assert y.shape == (2, 3, 40)
+    assert_close_to_reference(y.view(6, 40), x_q.view(6, 150), x_scale.view(6, 2), w_q, w_scale)
+
+
+def test_fp8_gemm_promotes_each_k_block_separately():
+    """Each K block has its own scale: a block scaled by 2^10 must not swamp the others'."""
+    a_q = torch.ones(16, 256).to(torch.float8_e4m3fn)
+    w_q = torch.ones(8, 256).to(torch.float8_e4m3fn)
+    a_scale = torch.tensor([[1024.0, 1.0]]).repeat(16, 1)
+    w_scale = torch.tensor([[1.0, 3.0]])
+    y = fp8_gemm(a_q, a_scale, w_q, w_scale)
+    assert torch.equal(y, torch.full((16, 8), 128 * 1024.0 + 128 * 3.0))
+
+
+def test_fp8_gemm_zero_rows():
+    a_q, a_scale, w_q, w_scale = quantised_operands(4, 130, 9)
+    y = fp8_gemm(a_q[:0], a_scale[:0], w_q, w_scale)
+    assert y.shape == (0, 9)
+
+
+def test_fp8_gemm_checks_its_input():
+    a_q, a_scale, w_q, w_scale = quantised_operands(4, 130, 9)
+    with pytest.raises(ValueError, match="a_q must be a torch.float8_e4m3fn"):
+        fp8_gemm(a_q.float(), a_scale, w_q, w_scale)
+    with pytest.raises(ValueError, match="must share K"):
+        fp8_gemm(a_q, a_scale, w_q[:, :129].contiguous(), w_scale)
+    with pytest.raises(ValueError, match="a_scale must have shape"):
+        fp8_gemm(a_q, a_scale[:, :1].contiguous(), w_q, w_scale)
+    with pytest.raises(ValueError, match="w_scale_inv must have shape"):
+        fp8_gemm(a_q, a_scale, w_q, a_scale)
+    with pytest.raises(ValueError, match="contiguous"):
+        fp8_gemm(a_q, a_scale, w_q.t().contiguous().t(), w_scale)
