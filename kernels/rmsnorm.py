@@ -165,6 +165,17 @@ def _rms_norm_backward_kernel(
 INTERPRETED = not isinstance(_rms_norm_forward_kernel, triton.runtime.JITFunction)
 
 
+def _num_warps(block_size: int) -> int:
+    """Warps per program: enough threads that a wide row does not spill registers (as Liger)."""
+    if block_size >= 32768:
+        return 32
+    if block_size >= 8192:
+        return 16
+    if block_size >= 2048:
+        return 8
+    return 4
+
+
 def _backward_programs(n_rows: int, device: torch.device) -> int:
     """How many backward programs: one per SM on a GPU, a few in the interpreter."""
     if device.type == "cuda":
@@ -189,7 +200,7 @@ class RMSNormFunction(torch.autograd.Function):
         if n_rows > 0:
             _rms_norm_forward_kernel[(n_rows,)](
                 y, y.stride(0), x2d, x2d.stride(0), weight, rstd, n_cols, eps,
-                BLOCK_SIZE=block_size,
+                BLOCK_SIZE=block_size, num_warps=_num_warps(block_size),
             )
         ctx.save_for_backward(x2d, weight, rstd)
         ctx.block_size = block_size
@@ -210,7 +221,7 @@ class RMSNormFunction(torch.autograd.Function):
             _rms_norm_backward_kernel[(programs,)](
                 dy2d, dy2d.stride(0), dx, dx.stride(0), x2d, x2d.stride(0), weight, rstd,
                 dw_partial, dw_partial.stride(0), n_rows, n_cols, rows_per_program,
-                BLOCK_SIZE=ctx.block_size,
+                BLOCK_SIZE=ctx.block_size, num_warps=_num_warps(ctx.block_size),
             )
         dw = dw_partial.sum(dim=0).to(weight.dtype)  # (N,)
         return dx.view(dy.shape), dw, None
