@@ -8,14 +8,19 @@ to use for this tensor?" (``rmsnorm_kernel(x)``, ``rotary_kernel(x)``); the answ
 function from ``minimoe.kernels`` or None, and None means "run the PyTorch code below".
 
 Which answer they get depends on the *current choice*, a context variable that
-``Transformer.forward`` and ``DecoderLayer.forward`` set from their config (the
-``@follows_config_kernels`` decorator below). The decoder layer sets it too so that
+``Transformer.forward`` and ``DecoderLayer.forward`` set from their ``kernels`` attribute,
+copied from the config when they are built (the ``@follows_config_kernels`` decorator
+below; to change a built model, set ``model.kernels`` and each ``layer.kernels``). The decoder layer sets it too so that
 activation checkpointing, which re-runs a layer during the backward pass outside the
 model's forward, recomputes with the same kernels. You can also set it by hand around
 any piece of code, e.g. a standalone attention module::
 
     with kernel_switch.use_kernels("triton"):
         y = attention(x, positions)
+
+Which kernels exist so far: RMSNorm (``minimoe.kernels.rmsnorm``) and the rotate-half
+rotary embedding (``minimoe.kernels.rope``); everything else runs its reference code
+whatever the choice.
 
 When "triton" cannot run
 ------------------------
