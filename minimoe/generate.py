@@ -62,6 +62,19 @@ def pick_next_token(logits: torch.Tensor, temperature: float, top_k: Optional[in
     return torch.multinomial(probs, num_samples=1, generator=generator)  # (B, 1)
 
 
+def check_request(model, input_ids: torch.Tensor, max_new_tokens: int) -> None:
+    """Clear errors for a prompt that is not (batch, time), or a request past the positions."""
+    if input_ids.dim() != 2 or input_ids.shape[1] == 0:
+        raise ValueError(f"input_ids must be a non-empty (batch, time) tensor, got "
+                         f"{tuple(input_ids.shape)}")
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    limit = model.cfg.max_position_embeddings
+    if input_ids.shape[1] + max_new_tokens > limit:
+        raise ValueError(f"prompt ({input_ids.shape[1]}) + max_new_tokens ({max_new_tokens}) "
+                         f"exceeds max_position_embeddings ({limit})")
+
+
 @torch.no_grad()
 def generate(model, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
              top_k: Optional[int] = None, top_p: Optional[float] = None,
@@ -73,15 +86,7 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, temperature: f
     the whole sequence (the slow reference the cached path is tested against). Generation
     stops early when every sequence has produced eos_token_id.
     """
-    if input_ids.dim() != 2 or input_ids.shape[1] == 0:
-        raise ValueError(f"input_ids must be a non-empty (batch, time) tensor, got "
-                         f"{tuple(input_ids.shape)}")
-    if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    limit = model.cfg.max_position_embeddings
-    if input_ids.shape[1] + max_new_tokens > limit:
-        raise ValueError(f"prompt ({input_ids.shape[1]}) + max_new_tokens ({max_new_tokens}) "
-                         f"exceeds max_position_embeddings ({limit})")
+    check_request(model, input_ids, max_new_tokens)
     was_training = model.training
     model.eval()
     sequence = input_ids

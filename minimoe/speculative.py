@@ -83,7 +83,7 @@ from typing import Optional
 import torch
 
 from minimoe.cache import KVCache
-from minimoe.generate import filter_logits
+from minimoe.generate import check_request, filter_logits
 
 
 @dataclass
@@ -205,10 +205,7 @@ def speculative_generate(model, input_ids: torch.Tensor, max_new_tokens: int,
         raise ValueError(f"num_draft_tokens must be >= 0, got {num_drafts}")
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")
-    limit = model.cfg.max_position_embeddings
-    if input_ids.shape[1] + max_new_tokens > limit:
-        raise ValueError(f"prompt ({input_ids.shape[1]}) + max_new_tokens ({max_new_tokens}) "
-                         f"exceeds max_position_embeddings ({limit})")
+    check_request(model, input_ids, max_new_tokens)
     greedy = temperature == 0
     was_training = model.training
     model.eval()
