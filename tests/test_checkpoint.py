@@ -12,29 +12,12 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import minimoe
+from hf_weights import randomise
 
 transformers = pytest.importorskip("transformers")
 
 SEQ = 24  # longer than the YaRN original length below, so the ramp and mscale matter
 ATOL = 1e-4
-
-
-def _randomise(model, seed):
-    """Larger random weights than the default init, non-trivial norms and selection biases."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
-            if not tensor.is_floating_point() or "inv_freq" in name:
-                continue
-            noise = torch.randn(tensor.shape, generator=generator)
-            if name.endswith("norm.weight") or name.endswith("layernorm.weight"):
-                tensor.copy_(1.0 + 0.2 * noise)
-            elif name.endswith("e_score_correction_bias"):
-                tensor.copy_(0.1 * noise)
-            else:
-                tensor.copy_(noise / math.sqrt(tensor.shape[-1]))
-    return model
-
 
 V3_BASE = dict(
     vocab_size=96, hidden_size=32, intermediate_size=40, moe_intermediate_size=16,
@@ -74,7 +57,7 @@ def _save_hf(kind, overrides, folder, seed):
     else:
         config = transformers.DeepseekV2Config(**{**V2_BASE, **overrides})
         model = transformers.DeepseekV2ForCausalLM(config)
-    model = _randomise(model.float().eval(), seed)
+    model = randomise(model.float().eval(), seed)
     model.save_pretrained(folder, max_shard_size="40KB")
     return model
 

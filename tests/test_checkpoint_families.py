@@ -3,12 +3,12 @@ Qwen3-MoE, Mixtral, OLMoE and GLM-4.5 (glm4_moe) checkpoints saved in the hub la
 safetensors + index, one tensor per expert), and the config keys that must be refused."""
 
 import json
-import math
 
 import pytest
 import torch
 
 import minimoe
+from hf_weights import randomise
 from minimoe.config import ModelConfig
 
 transformers = pytest.importorskip("transformers")
@@ -62,29 +62,11 @@ FAMILIES = {
 }
 CASES = [(family, case) for family, (_, _, cases) in FAMILIES.items() for case in cases]
 
-
-def _randomise(model, seed):
-    """Larger random weights than the default init, non-trivial norms, biases and selection bias."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
-            if not tensor.is_floating_point() or "inv_freq" in name:
-                continue
-            noise = torch.randn(tensor.shape, generator=generator)
-            if name.endswith("norm.weight") or name.endswith("layernorm.weight"):
-                tensor.copy_(1.0 + 0.2 * noise)
-            elif name.endswith("e_score_correction_bias"):
-                tensor.copy_(0.1 * noise)
-            else:
-                tensor.copy_(noise / math.sqrt(tensor.shape[-1]))
-    return model
-
-
 def _save_hf(family, case, folder, seed):
     config_class, model_class, cases = FAMILIES[family]
     config = getattr(transformers, config_class)(**{**BASE, **cases[case]})
     model = getattr(transformers, model_class)(config)
-    model = _randomise(model.float().eval(), seed)
+    model = randomise(model.float().eval(), seed)
     model.save_pretrained(folder, max_shard_size="40KB")
     return model
 
