@@ -127,6 +127,11 @@ class ModelConfig:
     # ---- execution choices (do not change the function, only how it is computed) ---------
     dispatch: str = "sorted"  # "naive" per-expert loop | "sorted" grouped matmul
     kernels: str = "reference"  # the one kernel switch: "reference" | "triton"
+    # FP8 training (DeepSeek-V3 §3.3, minimoe.fp8): True runs the GEMMs of the experts (routed,
+    # shared, dense FFN) and the attention projections as simulated e4m3 GEMMs with 1x128 /
+    # 128x128 scales and float32 master weights; embedding, output head, router, norms and
+    # the attention operator stay high precision. Applied by minimoe.fp8.convert_to_fp8.
+    fp8: bool = False
 
     # ------------------------------------------------------------------------------------------
     def __post_init__(self) -> None:
@@ -168,6 +173,7 @@ class ModelConfig:
              f"dispatch must be one of {DISPATCH_KINDS}, got {self.dispatch!r}")
         need(self.kernels in KERNEL_KINDS,
              f"kernels must be one of {KERNEL_KINDS}, got {self.kernels!r}")
+        need(isinstance(self.fp8, bool), f"fp8 must be True or False, got {self.fp8!r}")
         need(self.num_attention_heads % self.num_key_value_heads == 0,
              f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
              f"num_key_value_heads ({self.num_key_value_heads})")
