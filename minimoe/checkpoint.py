@@ -127,27 +127,20 @@ _MTP_OWN = {"enorm.weight": "enorm.weight", "hnorm.weight": "hnorm.weight",
 # ---------------------------------------------------------------------------------------------
 
 
-def resolve_checkpoint_folder(path_or_repo_id: str | os.PathLike) -> str:
-    """A local folder as is; anything else is a hub repo id fetched by huggingface_hub."""
+def resolve_checkpoint_folder(path_or_repo_id: str | os.PathLike,
+                              layers: Optional[Iterable[int]] = None) -> str:
+    """A local folder as is; a hub repo id is fetched by ``minimoe.hub.download_checkpoint``
+    (only the shards that hold ``layers``, when given)."""
+    from minimoe.hub import download_checkpoint, looks_like_repo_id
+
     path = os.fspath(path_or_repo_id)
     if os.path.isdir(path):
         return path
-    if os.path.exists(path) or path.startswith((".", "/", "~")) or path.count("/") != 1:
+    if not looks_like_repo_id(path):
         raise FileNotFoundError(f"load_pretrained: {path!r} is not a folder (a local checkpoint "
                                 "folder holds config.json and *.safetensors), nor a hub repo id "
                                 "of the form 'owner/name'")
-    try:
-        from huggingface_hub import snapshot_download
-    except ImportError as error:
-        raise ImportError(f"load_pretrained({path!r}): downloading from the hub needs "
-                          "huggingface_hub (pip install huggingface_hub), or pass a local "
-                          "folder") from error
-    try:
-        return snapshot_download(path, allow_patterns=["*.json", "*.safetensors"])
-    except Exception as error:  # offline, unknown repo, gated repo, ...
-        raise OSError(f"load_pretrained: could not download {path!r} from the Hugging Face hub "
-                      f"({type(error).__name__}: {error}). Without network access, download "
-                      "the repository elsewhere and pass its local folder instead.") from error
+    return download_checkpoint(path, layers=layers)
 
 
 def checkpoint_weight_map(folder: str) -> dict[str, str]:
@@ -156,18 +149,37 @@ def checkpoint_weight_map(folder: str) -> dict[str, str]:
     if os.path.exists(index):
         with open(index) as handle:
             weight_map = json.load(handle)["weight_map"]
-        for shard in sorted(set(weight_map.values())):
-            if not os.path.exists(os.path.join(folder, shard)):
-                raise FileNotFoundError(f"{index} names shard {shard!r}, which is not in {folder}")
-        return dict(weight_map)
+        return dict(weight_map)  # shards are checked when opened (a layer subset needs some)
     single = os.path.join(folder, "model.safetensors")
     if not os.path.exists(single):
         raise FileNotFoundError(f"{folder} holds neither model.safetensors nor "
                                 "model.safetensors.index.json")
+    with open_shard(folder, "model.safetensors", "every tensor") as handle:
+        return {name: "model.safetensors" for name in handle.keys()}
+
+
+def open_shard(folder: str, file_name: str, tensor_name: str):
+    """safe_open a shard; a missing or unreadable file is an error naming it and a tensor."""
     from safetensors import safe_open
 
-    with safe_open(single, framework="pt") as handle:
-        return {name: "model.safetensors" for name in handle.keys()}
+    path = os.path.join(folder, file_name)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"load_pretrained: {tensor_name} is in shard {file_name!r} "
+                                f"(model.safetensors.index.json), which is not in {folder}")
+    try:
+        return safe_open(path, framework="pt")
+    except Exception as error:  # SafetensorError: truncated or corrupt header
+        raise ValueError(f"load_pretrained: {path} (holding {tensor_name}) is not a readable "
+                         f"safetensors file, truncated or corrupt: {error}") from error
+
+
+def read_tensor(handle, name: str, file_name: str) -> torch.Tensor:
+    """handle.get_tensor(name) with an error naming the tensor and the file."""
+    try:
+        return handle.get_tensor(name)
+    except Exception as error:  # not in the file, or its bytes are cut off
+        raise ValueError(f"load_pretrained: cannot read {name} from {file_name} (the index "
+                         f"names it there): {type(error).__name__}: {error}") from error
 
 
 # ---------------------------------------------------------------------------------------------
@@ -257,9 +269,8 @@ def load_pretrained(path_or_repo_id: str | os.PathLike, dtype: Optional[torch.dt
         and the head (no MTP). Handy for looking at the first layers of a huge model.
     Returns the model in eval mode.
     """
-    from safetensors import safe_open
-
-    folder = resolve_checkpoint_folder(path_or_repo_id)
+    layers = None if layers is None else list(layers)
+    folder = resolve_checkpoint_folder(path_or_repo_id, layers)
     config_path = os.path.join(folder, "config.json")
     if not os.path.exists(config_path):
         raise FileNotFoundError(f"load_pretrained: no config.json in {folder}")
@@ -331,15 +342,14 @@ def load_pretrained(path_or_repo_id: str | os.PathLike, dtype: Optional[torch.dt
     for name in plan:
         by_file.setdefault(weight_map[name], []).append(name)
     for file_name in sorted(by_file):
-        with safe_open(os.path.join(folder, file_name), framework="pt") as handle:
+        with open_shard(folder, file_name, by_file[file_name][0]) as handle:
             for name in by_file[file_name]:
-                tensor = handle.get_tensor(name)
+                tensor = read_tensor(handle, name, file_name)
                 scale_name = name + "_scale_inv"
                 if scale_name in weight_map:
-                    with safe_open(os.path.join(folder, weight_map[scale_name]),
-                                   framework="pt") as scale_file:
-                        tensor = dequantize_fp8_blocks(tensor, scale_file.get_tensor(scale_name),
-                                                       block, dtype)
+                    with open_shard(folder, weight_map[scale_name], scale_name) as scale_file:
+                        scale = read_tensor(scale_file, scale_name, weight_map[scale_name])
+                        tensor = dequantize_fp8_blocks(tensor, scale, block, dtype)
                 elif tensor.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
                     raise KeyError(f"load_pretrained: {name} (in {file_name}) is {tensor.dtype} "
                                    f"but the checkpoint has no {scale_name}")
