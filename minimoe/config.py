@@ -331,19 +331,100 @@ class ModelConfig:
 
 HF_MLA_MODEL_TYPES = ("deepseek_v3", "deepseek_v2", "kimi_k2")
 HF_GQA_MODEL_TYPES = ("qwen3_moe", "mixtral", "olmoe", "glm4_moe")
+HF_OTHER_MODEL_TYPES = ("longcat_flash",)
 
 
 def _from_hf_dict(hf: dict) -> ModelConfig:
-    """Dispatch on model_type: the DeepSeek (MLA) families or the GQA families."""
+    """Dispatch on model_type: the DeepSeek (MLA) families, the GQA families, LongCat-Flash."""
     model_type = hf.get("model_type", "deepseek_v3")
     if model_type in HF_GQA_MODEL_TYPES:
         return _from_hf_gqa(hf, model_type)
+    if model_type == "longcat_flash":
+        return _from_hf_longcat(hf)
     if model_type not in HF_MLA_MODEL_TYPES:
         raise ValueError(
             f"from_hf: model_type {model_type!r} is not mapped; known: "
-            f"{', '.join(HF_MLA_MODEL_TYPES + HF_GQA_MODEL_TYPES)}"
+            f"{', '.join(HF_MLA_MODEL_TYPES + HF_GQA_MODEL_TYPES + HF_OTHER_MODEL_TYPES)}"
         )
     return _from_hf_mla(hf, model_type)
+
+
+def _from_hf_longcat(hf: dict) -> ModelConfig:
+    """LongCat-Flash (transformers LongcatFlashConfig and the hub's config.json).
+
+    Its own key names: num_layers (each layer = two MLA sublayers, so transformers'
+    num_hidden_layers is 2 * num_layers), ffn_hidden_size (the dense FFNs),
+    expert_ffn_hidden_size, moe_topk, zero_expert_num (identity experts). The router is a
+    softmax over all n_routed_experts + zero_expert_num logits, top-k on the scores plus the
+    selection bias e_score_correction_bias, gates = unrenormalised scores * routed_scaling_factor
+    (identity experts included); every layer has the shortcut MoE, no shared experts. The
+    MLA latent scales are always on in transformers; the hub's config.json spells them out
+    (mla_scale_q_lora / mla_scale_kv_lora). RoPE rotates head_dim (= qk_rope_head_dim) dims.
+    The checkpoint's MTP module (model.mtp.*) is not loaded (transformers skips it as well),
+    so num_nextn_predict_layers is 0 here.
+    """
+    get = hf.get
+
+    def reject(key: str, why: str) -> None:
+        raise ValueError(f"from_hf(longcat_flash): {key}={get(key)!r} {why}; minimoe does not "
+                         "implement it, so the model would compute a different function")
+
+    if get("hidden_act", "silu") != "silu":
+        reject("hidden_act", "is not SwiGLU's silu")
+    if get("router_bias", False):
+        reject("router_bias", "puts a bias on the router logits")
+    if get("zero_expert_type", "identity") != "identity":
+        reject("zero_expert_type", "is not the identity")
+    rope = get("qk_rope_head_dim", 64)
+    if get("head_dim") not in (None, rope):
+        reject("head_dim", f"sets the rotary width, which differs from qk_rope_head_dim={rope}")
+    rope_theta, rope_scaling = get("rope_theta", 10000000.0), get("rope_scaling")
+    if isinstance(get("rope_parameters"), dict):
+        parameters = dict(hf["rope_parameters"])
+        rope_theta = parameters.pop("rope_theta", rope_theta)
+        kind = parameters.get("rope_type", parameters.get("type", "default"))
+        rope_scaling = parameters if kind not in (None, "default") else None
+    num_layers = get("num_layers") or hf["num_hidden_layers"] // 2
+    values = dict(
+        name=get("_name_or_path", "longcat_flash") or "longcat_flash",
+        vocab_size=hf["vocab_size"],
+        hidden_size=hf["hidden_size"],
+        num_hidden_layers=num_layers,
+        num_attention_heads=hf["num_attention_heads"],
+        num_key_value_heads=hf["num_attention_heads"],  # MLA: unused, as for DeepSeek
+        intermediate_size=get("ffn_hidden_size") or get("intermediate_size") or 12288,
+        max_position_embeddings=get("max_position_embeddings", 131072),
+        rms_norm_eps=get("rms_norm_eps", 1e-5),
+        tie_word_embeddings=get("tie_word_embeddings", False),
+        attention="mla",
+        attention_bias=get("attention_bias", False),
+        q_lora_rank=get("q_lora_rank", 1536),
+        kv_lora_rank=get("kv_lora_rank", 512),
+        qk_nope_head_dim=get("qk_nope_head_dim", 128),
+        qk_rope_head_dim=rope,
+        v_head_dim=get("v_head_dim", 128),
+        mla_scale_q_lora=get("mla_scale_q_lora", True),
+        mla_scale_kv_lora=get("mla_scale_kv_lora", True),
+        rope_theta=rope_theta,
+        rope_scaling=rope_scaling,
+        n_routed_experts=get("n_routed_experts", 512),
+        n_zero_experts=get("zero_expert_num") or 0,
+        num_experts_per_tok=get("moe_topk") or get("num_experts_per_tok") or 12,
+        moe_intermediate_size=get("expert_ffn_hidden_size") or get("moe_intermediate_size")
+        or 2048,
+        n_shared_experts=0,
+        first_k_dense_replace=0,
+        scoring_func="softmax",
+        topk_method="greedy",
+        n_group=1,
+        topk_group=1,
+        norm_topk_prob=False,
+        routed_scaling_factor=get("routed_scaling_factor", 6.0),
+        use_expert_bias=True,
+        shortcut_moe=True,
+        num_nextn_predict_layers=0,
+    )
+    return ModelConfig(**values)
 
 
 def _from_hf_gqa(hf: dict, model_type: str) -> ModelConfig:
