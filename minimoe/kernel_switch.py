@@ -18,9 +18,10 @@ any piece of code, e.g. a standalone attention module::
     with kernel_switch.use_kernels("triton"):
         y = attention(x, positions)
 
-Which kernels exist so far: RMSNorm (``minimoe.kernels.rmsnorm``) and the rotate-half
-rotary embedding (``minimoe.kernels.rope``); everything else runs its reference code
-whatever the choice.
+Which kernels exist so far: RMSNorm (``minimoe.kernels.rmsnorm``), the rotate-half
+rotary embedding (``minimoe.kernels.rope``) and the router's logits -> (top-k experts,
+gate weights, scores) step (``minimoe.kernels.moe_router``, asked by ``router_kernel``);
+everything else runs its reference code whatever the choice.
 
 When "triton" cannot run
 ------------------------
@@ -159,3 +160,8 @@ def rmsnorm_kernel(x: torch.Tensor) -> Optional[Callable]:
 def rotary_kernel(x: torch.Tensor) -> Optional[Callable]:
     """``minimoe.kernels.rope.apply_rotary`` if the current choice runs it on x, else None."""
     return _kernel(x, "rope", "apply_rotary")
+
+
+def router_kernel(x: torch.Tensor) -> Optional[Callable]:
+    """``minimoe.kernels.moe_router.route`` if the current choice runs it on x, else None."""
+    return _kernel(x, "moe_router", "route")
