@@ -123,7 +123,9 @@ def make_optimizer(model: torch.nn.Module, args: TrainArgs) -> torch.optim.AdamW
 
 def save_checkpoint(out_dir: str, model: Transformer, optimizer, step: int,
                     args: TrainArgs, history: list) -> None:
-    """Write the checkpoint folder atomically (temporary folder + rename)."""
+    """Write the checkpoint folder atomically (temporary folder + rename).
+
+    optimizer None writes no optimizer.pt (a model to load, not a run to resume)."""
     parent = os.path.dirname(os.path.abspath(out_dir))
     os.makedirs(parent, exist_ok=True)
     tmp_dir = out_dir.rstrip("/") + ".tmp"
@@ -132,7 +134,8 @@ def save_checkpoint(out_dir: str, model: Transformer, optimizer, step: int,
     save_model(model, os.path.join(tmp_dir, "model.safetensors"))
     with open(os.path.join(tmp_dir, "config.json"), "w") as handle:
         json.dump(model.cfg.to_dict(), handle, indent=2)
-    torch.save(optimizer.state_dict(), os.path.join(tmp_dir, "optimizer.pt"))
+    if optimizer is not None:
+        torch.save(optimizer.state_dict(), os.path.join(tmp_dir, "optimizer.pt"))
     with open(os.path.join(tmp_dir, "train_state.json"), "w") as handle:
         json.dump({"step": step, "args": asdict(args), "history": history}, handle, indent=2)
     old_dir = out_dir.rstrip("/") + ".old"
