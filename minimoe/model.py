@@ -33,9 +33,15 @@ those with a non-zero coefficient are present). The auxiliary-loss-free balancin
 What the reader should notice: the MoE changes nothing in the skeleton. A token's path is
 a residual stream; the router only decides which small FFNs write into it at each layer.
 
+LongCat-Flash changes the block itself (``ShortcutDecoderLayer``, ``cfg.shortcut_moe``): two
+attention sublayers and two dense FFNs per layer, and one MoE fed from the middle of the
+layer whose output joins at its end, so its communication can overlap the second half.
+
 Names follow the transformers DeepseekV3 modules (``embed_tokens``, ``layers.{i}.self_attn``,
 ``layers.{i}.mlp.gate``, ``input_layernorm``, ``post_attention_layernorm``, ``norm``,
-``lm_head``) so that published checkpoints map onto this module tree.
+``lm_head``) so that published checkpoints map onto this module tree; the LongCat block
+follows transformers' LongcatFlashDecoderLayer (``self_attn.{0,1}``, ``mlps.{0,1}``,
+``input_layernorm.{0,1}``, ``post_attention_layernorm.{0,1}``, ``mlp``).
 """
 
 from __future__ import annotations
@@ -89,7 +95,10 @@ class DecoderLayer(nn.Module):
         else:
             self.self_attn = Attention(cfg, layer_index)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.is_moe = cfg.is_moe_layer(layer_index)
+        # In a shortcut_moe model (LongCat-Flash) this plain block only serves as the MTP
+        # module's block, which is one MLA sublayer and one *dense* FFN (model.mtp.* in the
+        # LongCat checkpoint); its main layers are ShortcutDecoderLayer.
+        self.is_moe = cfg.is_moe_layer(layer_index) and not cfg.shortcut_moe
         if self.is_moe:
             self.mlp = MoE(cfg)
         else:
@@ -105,6 +114,67 @@ class DecoderLayer(nn.Module):
         else:
             ffn_out, moe_aux = self.mlp(self.post_attention_layernorm(x)), None
         return x + ffn_out, moe_aux  # (B, T, C)
+
+
+class ShortcutDecoderLayer(nn.Module):
+    """LongCat-Flash's shortcut-connected MoE block (ScMoE; LongCat-Flash technical report
+    arXiv:2509.01322, §2.1 "Shortcut-connected MoE"; transformers LongcatFlashDecoderLayer).
+
+    One layer holds two pre-norm sublayer pairs (attention + dense SwiGLU each) and one MoE.
+    The MoE reads the normalised hidden state after the *first* attention sublayer and its
+    output is added only at the *end* of the layer:
+
+        u   = x + MLA_0(norm_in_0(x))                 # (B, T, C) first attention sublayer
+        h   = norm_post_0(u)                          # (B, T, C) shared by FFN_0 and the MoE
+        m   = MoE(h)                                  # (B, T, C) the shortcut branch
+        v   = u + FFN_0(h)                            # (B, T, C) first dense FFN
+        w   = v + MLA_1(norm_in_1(v))                 # (B, T, C) second attention sublayer
+        out = w + FFN_1(norm_post_1(w)) + m           # (B, T, C) second FFN, then the shortcut
+
+    Why: in a plain MoE block the expert all-to-all (dispatch and combine across devices)
+    sits between attention and the next layer, and nothing can run while it is in flight.
+    Here nothing in (FFN_0, MLA_1, FFN_1) depends on m, so the MoE's communication overlaps
+    that dense compute. Per token the layer costs two attention and two dense FFN passes
+    plus the experts the router picks; with zero-computation experts (``cfg.n_zero_experts``,
+    ``minimoe.moe``) that is between 0 and k FFN experts.
+
+    The two attention sublayers are separate KV-cache slots: 2 * layer_index and
+    2 * layer_index + 1 (transformers numbers them the same way).
+    Submodule names follow transformers: self_attn.{0,1}, mlps.{0,1}, input_layernorm.{0,1},
+    post_attention_layernorm.{0,1}, mlp (the MoE; its router is ``mlp.gate`` in minimoe,
+    ``mlp.router.classifier`` in the checkpoints).
+    """
+
+    def __init__(self, cfg: ModelConfig, layer_index: int) -> None:
+        super().__init__()
+        if cfg.attention != "mla":
+            raise ValueError(f"ModelConfig({cfg.name}): shortcut_moe is LongCat-Flash's block, "
+                             f"built with attention='mla', got {cfg.attention!r}")
+        self.layer_index = layer_index
+        self.kernels = cfg.kernels
+        C = cfg.hidden_size
+        self.self_attn = nn.ModuleList(
+            MultiHeadLatentAttention(cfg, 2 * layer_index + i) for i in range(2))
+        self.mlps = nn.ModuleList(SwiGLU(C, cfg.intermediate_size) for _ in range(2))
+        self.input_layernorm = nn.ModuleList(RMSNorm(C, cfg.rms_norm_eps) for _ in range(2))
+        self.post_attention_layernorm = nn.ModuleList(
+            RMSNorm(C, cfg.rms_norm_eps) for _ in range(2))
+        self.is_moe = cfg.is_moe_layer(layer_index)
+        self.mlp = MoE(cfg) if self.is_moe else None  # no shortcut branch in a dense layer
+
+    @follows_config_kernels
+    def forward(
+        self, x: torch.Tensor, positions: torch.Tensor, cache: Optional[KVCache] = None
+    ) -> tuple[torch.Tensor, Optional[dict]]:
+        u = x + self.self_attn[0](self.input_layernorm[0](x), positions, cache)  # (B, T, C)
+        h = self.post_attention_layernorm[0](u)  # (B, T, C)
+        shortcut, moe_aux = self.mlp(h) if self.is_moe else (None, None)  # (B, T, C)
+        v = u + self.mlps[0](h)  # (B, T, C)
+        w = v + self.self_attn[1](self.input_layernorm[1](v), positions, cache)  # (B, T, C)
+        out = w + self.mlps[1](self.post_attention_layernorm[1](w))  # (B, T, C)
+        if shortcut is not None:
+            out = out + shortcut  # (B, T, C) the MoE joins at the end of the layer
+        return out, moe_aux
 
 
 def run_layer(layer: DecoderLayer, x, positions, cache, use_checkpoint: bool):
@@ -135,18 +205,13 @@ class Transformer(nn.Module):
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        if cfg.shortcut_moe:
-            raise NotImplementedError(
-                f"ModelConfig({cfg.name}).shortcut_moe=True: LongCat-Flash's shortcut-connected "
-                "block (two attention sublayers per layer) is sized by minimoe.sizing but has no "
-                "module here yet; build a model with shortcut_moe=False"
-            )
         from minimoe.mtp import MTPModule  # mtp builds DecoderLayer: import here, no cycle
 
         self.cfg = cfg
         self.kernels = cfg.kernels  # the kernel switch: "reference" | "triton" (minimoe.kernel_switch)
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
+        layer_class = ShortcutDecoderLayer if cfg.shortcut_moe else DecoderLayer
+        self.layers = nn.ModuleList(layer_class(cfg, i) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.mtp = nn.ModuleList(
@@ -195,6 +260,10 @@ class Transformer(nn.Module):
                 f"{self.cfg.max_position_embeddings}"
             )
         positions = torch.arange(past, past + T, device=input_ids.device)  # (T,)
+        if cache is not None and self.cfg.shortcut_moe:
+            # two attention sublayers per LongCat layer: two cache slots each (a cache made
+            # with one slot per layer, as minimoe.generate makes it, gets the rest here)
+            cache.layers.extend({} for _ in range(2 * len(self.layers) - len(cache.layers)))
 
         router_stats: dict = {}
         losses: dict = {}

@@ -184,12 +184,6 @@ def test_update_expert_biases_moves_biases():
     assert any(not torch.equal(a, b) for a, b in zip(before, after))
 
 
-def test_shortcut_moe_is_refused_clearly():
-    cfg = minimoe.ModelConfig.preset("longcat-flash")
-    with pytest.raises(NotImplementedError, match="shortcut_moe"):
-        Transformer(cfg)
-
-
 @st.composite
 def valid_configs(draw):
     attention = draw(st.sampled_from(["mha", "gqa", "mla"]))
