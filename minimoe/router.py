@@ -94,6 +94,11 @@ What to notice
   renormalise; V3's code (and this module) renormalises (if asked) and then always
   multiplies. No published V2 config combines norm_topk_prob=True with a factor other
   than 1, so both conventions give the same numbers on real checkpoints.
+* The fast path: with ``kernels="triton"`` (``minimoe.kernel_switch``) everything after the
+  logits -- scores, bias, groups, top-k, gate weights -- runs as one Triton kernel per
+  token row (``minimoe.kernels.moe_router``), with an analytic backward; the logits matmul
+  and the training noise stay in PyTorch. On equal choice scores the kernel picks the
+  lower expert index; torch.topk leaves that order unspecified.
 * A router forward returns `scores` WITHOUT the bias: the balance losses and statistics
   (minimoe.balance) must see the model's real affinities.
 """
@@ -106,6 +111,8 @@ from typing import Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from minimoe import kernel_switch
 
 GROUP_SCORES = ("top2_sum", "max")
 
@@ -250,12 +257,22 @@ class Router(nn.Module):
                 noise_scale = F.softplus(x @ self.noise_weight.float().t())  # (N, E)
                 logits = logits + torch.randn_like(logits) * noise_scale  # (N, E)
 
+        bias = self.e_score_correction_bias if self.use_expert_bias else None
+        kernel = kernel_switch.router_kernel(logits)  # None unless kernels="triton" can run here
+        if kernel is not None:  # minimoe.kernels.moe_router: the steps below in one kernel
+            topk_idx, topk_weight, scores = kernel(
+                logits, bias, top_k=self.top_k, n_group=self.n_group, topk_group=self.topk_group,
+                group_score=self.group_score, scoring_func=self.scoring_func,
+                norm_topk_prob=self.norm_topk_prob, routed_scaling_factor=self.routed_scaling_factor,
+            )  # (N, k), (N, k), (N, E)
+            return RouterOutput(topk_idx=topk_idx, topk_weight=topk_weight, scores=scores,
+                                logits=logits)
+
         if self.scoring_func == "softmax":
             scores = logits.softmax(dim=-1)  # (N, E)
         else:
             scores = logits.sigmoid()  # (N, E)
 
-        bias = self.e_score_correction_bias if self.use_expert_bias else None
         with torch.no_grad():  # the choice is discrete: no gradient flows through it
             topk_idx = select_experts(
                 scores.detach(), self.top_k, bias=bias, n_group=self.n_group,
