@@ -118,6 +118,11 @@ def _fp8_gemm_kernel(
     tl.store(y_ptrs, acc, mask=mask_m[:, None] & mask_n[None, :])  # write 4*BM*BN B
 
 
+# True when this module was imported with TRITON_INTERPRET=1: @triton.jit then built
+# interpreted Python functions instead of GPU kernels (minimoe.kernel_switch checks it).
+INTERPRETED = not isinstance(_fp8_gemm_kernel, triton.runtime.JITFunction)
+
+
 def _check(t, name: str, dtype: torch.dtype) -> None:
     if not isinstance(t, torch.Tensor) or t.dtype != dtype:
         raise ValueError(f"{name} must be a {dtype} tensor, got {getattr(t, 'dtype', type(t).__name__)}")

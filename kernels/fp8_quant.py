@@ -174,6 +174,11 @@ def _weight_dequant_kernel(
     tl.store(W_ptr + offsets, (q * scale).to(W_ptr.dtype.element_ty), mask=mask)  # write 128*128 el.
 
 
+# True when this module was imported with TRITON_INTERPRET=1: @triton.jit then built
+# interpreted Python functions instead of GPU kernels (minimoe.kernel_switch checks it).
+INTERPRETED = not isinstance(_act_quant_kernel, triton.runtime.JITFunction)
+
+
 def act_quant(x: torch.Tensor, scale_fmt: str = "fp32"):
     """Quantise x along its last dim in 1x128 tiles (DeepSeek's ``act_quant``), any K.
 

@@ -20,8 +20,10 @@ any piece of code, e.g. a standalone attention module::
 
 Which kernels exist so far: RMSNorm (``minimoe.kernels.rmsnorm``), the rotate-half
 rotary embedding (``minimoe.kernels.rope``) and the router's logits -> (top-k experts,
-gate weights, scores) step (``minimoe.kernels.moe_router``, asked by ``router_kernel``);
-everything else runs its reference code whatever the choice.
+gate weights, scores) step (``minimoe.kernels.moe_router``, asked by ``router_kernel``),
+and for FP8 layers (``minimoe.fp8``) the 1x128 activation quantiser and the block-scaled FP8
+GEMM (``minimoe.kernels.fp8_quant``, ``fp8_gemm``; ``fp8_act_quant_kernel``,
+``fp8_gemm_kernel``); everything else runs its reference code whatever the choice.
 
 When "triton" cannot run
 ------------------------
@@ -165,3 +167,13 @@ def rotary_kernel(x: torch.Tensor) -> Optional[Callable]:
 def router_kernel(x: torch.Tensor) -> Optional[Callable]:
     """``minimoe.kernels.moe_router.route`` if the current choice runs it on x, else None."""
     return _kernel(x, "moe_router", "route")
+
+
+def fp8_act_quant_kernel(x: torch.Tensor) -> Optional[Callable]:
+    """``minimoe.kernels.fp8_quant.act_quant`` if the current choice runs it on x, else None."""
+    return _kernel(x, "fp8_quant", "act_quant")
+
+
+def fp8_gemm_kernel(x: torch.Tensor) -> Optional[Callable]:
+    """``minimoe.kernels.fp8_gemm.fp8_gemm`` if the current choice runs it on x, else None."""
+    return _kernel(x, "fp8_gemm", "fp8_gemm")
