@@ -54,6 +54,41 @@ Qwen3 and OLMoE only gate + experts), except Mixtral, which keeps the original M
 per-expert hub names back.) All four rotate in the rotate-half layout already: no rows are
 permuted. GLM-4.5's MTP layer (model.layers.{num_hidden_layers}) has DeepSeek-V3's layout.
 
+LongCat-Flash (``longcat_flash``; transformers LongcatFlash and the hub checkpoint) keeps the
+MLA names, twice per layer, and the DeepSeek expert names; its router has its own name:
+
+    model.layers.{i}.self_attn.{0,1}.<MLA names as above>   two attention sublayers
+    model.layers.{i}.mlps.{0,1}.{gate,up,down}_proj.weight  two dense FFNs
+    model.layers.{i}.input_layernorm.{0,1}.weight, post_attention_layernorm.{0,1}.weight
+    model.layers.{i}.mlp.router.classifier.weight           (E + Z, C) -> mlp.gate.weight
+    model.layers.{i}.mlp.router.e_score_correction_bias     (E + Z,)   -> mlp.gate.e_score_...
+    model.layers.{i}.mlp.experts.{e}.{gate,up,down}_proj.weight   e < E (FFN experts only)
+    model.mtp.*                                             the MTP module: not loaded (as in
+                                                            transformers); built without MTP
+
+The identity experts hold no weights. transformers 5.23 keeps a fused gate_up_proj with a row
+block for *every* expert, identity ones included (never used), so its save_pretrained also
+writes mlp.experts.{e}.{gate,up}_proj.weight for E <= e < E + Z: those are skipped. LongCat
+rotates MLA's rope dims interleaved, like DeepSeek, so its rope rows are permuted too.
+
+Ling-2.0 (``bailing_moe_v2``; inclusionAI's modeling_bailing_moe_v2.py) uses GQA with its own
+names, and the DeepSeek mlp.* names otherwise:
+
+    model.word_embeddings.weight                            -> embed_tokens.weight
+    model.layers.{i}.attention.query_key_value.weight       ((H + 2 H_kv) D, C): rows of q,
+                                                            then k, then v -> split into
+                                                            self_attn.{q,k,v}_proj
+    model.layers.{i}.attention.dense.weight                 -> self_attn.o_proj.weight
+    model.layers.{i}.attention.{query,key}_layernorm.weight (D,) -> self_attn.{q,k}_norm.weight
+    model.layers.{i}.mlp.gate.weight, mlp.gate.expert_bias  -> mlp.gate.weight, mlp.gate.
+                                                            e_score_correction_bias
+    model.layers.{L + k}.final_layernorm.weight             MTP module k's last norm; its other
+                                                            names are DeepSeek-V3's (enorm,
+                                                            hnorm, eh_proj, the block)
+
+Ling rotates in the rotate-half layout (the first head_dim * partial_rotary_factor dims of
+each head): nothing is permuted.
+
 minimoe keeps the same names without the ``model.`` prefix, except the routed experts: it
 stacks them (``minimoe.experts.RoutedExperts``), so ``mlp.experts.{e}.gate_proj.weight``
 (I, C) becomes slice ``[e]`` of ``mlp.experts.gate_proj`` (E, I, C). The loader allocates
@@ -110,7 +145,8 @@ from minimoe.model import Transformer
 from minimoe.rope import RotaryEmbedding, permute_rotary_rows
 
 SUPPORTED_MODEL_TYPES = ("deepseek_v3", "deepseek_v2", "kimi_k2",
-                         "qwen3_moe", "mixtral", "olmoe", "glm4_moe")
+                         "qwen3_moe", "mixtral", "olmoe", "glm4_moe",
+                         "longcat_flash", "bailing_moe_v2")
 _EXPERT = re.compile(r"mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
 # Mixtral's hub names (the original Mistral release): w1 = gate, w3 = up, w2 = down.
 _MIXTRAL_EXPERT = re.compile(r"^block_sparse_moe\.experts\.(\d+)\.(w1|w2|w3)\.weight$")
@@ -119,7 +155,21 @@ _LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 # Read from the MTP layer's copies of shared tensors: nothing (minimoe shares them).
 _MTP_SHARED_COPIES = ("embed_tokens.weight", "shared_head.head.weight")
 _MTP_OWN = {"enorm.weight": "enorm.weight", "hnorm.weight": "hnorm.weight",
-            "eh_proj.weight": "eh_proj.weight", "shared_head.norm.weight": "final_norm.weight"}
+            "eh_proj.weight": "eh_proj.weight", "shared_head.norm.weight": "final_norm.weight",
+            "final_layernorm.weight": "final_norm.weight"}  # the last: Ling-2.0's name
+# Names inside a layer (after model.layers.{i}.) of LongCat-Flash and Ling-2.0 -> the names
+# above; the fused query_key_value is split in _place.
+_LAYER_RENAMES = {
+    "mlp.router.classifier.weight": "mlp.gate.weight",  # LongCat-Flash
+    "mlp.router.e_score_correction_bias": "mlp.gate.e_score_correction_bias",
+    "mlp.gate.expert_bias": "mlp.gate.e_score_correction_bias",  # Ling-2.0
+    "attention.query_key_value.weight": "self_attn.query_key_value.weight",
+    "attention.query_key_value.bias": "self_attn.query_key_value.bias",
+    "attention.dense.weight": "self_attn.o_proj.weight",
+    "attention.query_layernorm.weight": "self_attn.q_norm.weight",
+    "attention.key_layernorm.weight": "self_attn.k_norm.weight",
+}
+_FUSED_QKV = re.compile(r"^(.*self_attn)\.query_key_value\.(weight|bias)$")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -209,8 +259,10 @@ def _rope_is_interleaved(hf: dict) -> bool:
     model_type = hf.get("model_type")
     if model_type == "deepseek_v2":
         return True  # DeepSeek-V2's code (and transformers' DeepseekV2) always is
+    if model_type == "longcat_flash":
+        return True  # transformers' LongcatFlashMLA: apply_rotary_pos_emb_interleave
     if model_type not in ("deepseek_v3", "kimi_k2"):
-        return False  # Qwen3-MoE, Mixtral, OLMoE, GLM-4.5: rotate-half (their rotate_half)
+        return False  # Qwen3-MoE, Mixtral, OLMoE, GLM-4.5, Ling-2.0: rotate-half
     return bool(hf.get("rope_interleave", True))
 
 
@@ -282,7 +334,8 @@ def load_pretrained(path_or_repo_id: str | os.PathLike, dtype: Optional[torch.dt
                                   f"is not supported yet; supported: {SUPPORTED_MODEL_TYPES}")
     weight_map = checkpoint_weight_map(folder)
 
-    num_layers = int(hf["num_hidden_layers"])
+    # LongCat-Flash's config.json names its layer count num_layers (two sublayers each)
+    num_layers = ModelConfig.from_hf(hf).num_hidden_layers
     layer_list = None
     if layers is not None:
         layer_list = sorted(set(int(i) for i in layers))
@@ -389,15 +442,19 @@ def _map_name(name: str, num_layers: int, cfg: ModelConfig,
               layer_position: Optional[dict[int, int]]):
     """Checkpoint name -> (minimoe name, expert index or None), "skip", or None (no place)."""
     top = {"model.embed_tokens.weight": "embed_tokens.weight", "model.norm.weight": "norm.weight",
-           "lm_head.weight": "lm_head.weight"}
+           "lm_head.weight": "lm_head.weight",
+           "model.word_embeddings.weight": "embed_tokens.weight"}  # the last: Ling-2.0
     if name in top:
         if name == "lm_head.weight" and cfg.tie_word_embeddings:
             return None
         return top[name], None
+    if cfg.shortcut_moe and name.startswith("model.mtp."):
+        return "skip"  # LongCat-Flash's MTP module: not loaded (see the module docstring)
     match = _LAYER.match(name)
     if match is None:
         return None
     index, rest = int(match.group(1)), match.group(2)
+    rest = _LAYER_RENAMES.get(rest, rest)
     if index < num_layers:
         if layer_position is not None:
             if index not in layer_position:
@@ -423,6 +480,8 @@ def _map_name(name: str, num_layers: int, cfg: ModelConfig,
         return f"{prefix}mlp.gate.weight", None
     expert = _EXPERT.search(rest)
     if expert is not None:
+        if cfg.n_routed_experts <= int(expert.group(1)) < cfg.n_routed_experts + cfg.n_zero_experts:
+            return "skip"  # an identity expert's unused rows, written by transformers' LongCat
         return f"{prefix}mlp.experts.{expert.group(2)}", int(expert.group(1))
     return prefix + rest, None
 
@@ -430,6 +489,16 @@ def _map_name(name: str, num_layers: int, cfg: ModelConfig,
 def _place(name, file_name, tensor, minimoe_name, expert, targets, loaded, filled_experts,
            cfg, dtype, device, interleaved) -> None:
     """Check the shape, convert, permute rope rows if needed, store one tensor."""
+    fused = _FUSED_QKV.match(minimoe_name)
+    if fused is not None:  # Ling-2.0: rows of q (H * D), then k (H_kv * D), then v (H_kv * D)
+        sizes = [cfg.num_attention_heads * cfg.head_dim] + [cfg.num_key_value_heads * cfg.head_dim] * 2
+        if tensor.shape[0] != sum(sizes):
+            raise ValueError(f"load_pretrained: {name} (in {file_name}) has {tensor.shape[0]} rows; "
+                             f"the config's (H + 2 H_kv) * head_dim = {sum(sizes)}")
+        for part, rows in zip("qkv", tensor.split(sizes, dim=0)):
+            _place(name, file_name, rows, f"{fused.group(1)}.{part}_proj.{fused.group(2)}", None,
+                   targets, loaded, filled_experts, cfg, dtype, device, interleaved)
+        return
     if minimoe_name not in targets:
         raise KeyError(f"load_pretrained: {name} (in {file_name}) maps to {minimoe_name}, which "
                        "the minimoe model built from config.json does not have")
@@ -459,6 +528,7 @@ def _place(name, file_name, tensor, minimoe_name, expert, targets, loaded, fille
 def _to_rotate_half(minimoe_name: str, tensor: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
     """Permute the rows that produce q_pe / k_pe from interleaved to rotate-half order."""
     rope, nope = cfg.qk_rope_head_dim, cfg.qk_nope_head_dim
+    minimoe_name = re.sub(r"self_attn\.\d+\.", "self_attn.", minimoe_name)  # LongCat's two
     if minimoe_name.endswith(("self_attn.q_b_proj.weight", "self_attn.q_proj.weight")):
         return permute_rotary_rows(tensor, nope + rope, rope, rotary_offset=nope)
     if minimoe_name.endswith(("self_attn.kv_a_proj_with_mqa.weight",
