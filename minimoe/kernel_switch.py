@@ -23,7 +23,10 @@ rotary embedding (``minimoe.kernels.rope``) and the router's logits -> (top-k ex
 gate weights, scores) step (``minimoe.kernels.moe_router``, asked by ``router_kernel``),
 and for FP8 layers (``minimoe.fp8``) the 1x128 activation quantiser and the block-scaled FP8
 GEMM (``minimoe.kernels.fp8_quant``, ``fp8_gemm``; ``fp8_act_quant_kernel``,
-``fp8_gemm_kernel``); everything else runs its reference code whatever the choice.
+``fp8_gemm_kernel``), and the routed experts of an MoE layer as aligned grouped GEMMs with
+the gather, SwiGLU and routing weight fused (``minimoe.kernels.fused_moe``, asked by
+``fused_moe_kernel`` in ``minimoe.moe.dispatch_sorted``); everything else runs its reference
+code whatever the choice.
 
 When "triton" cannot run
 ------------------------
@@ -177,3 +180,8 @@ def fp8_act_quant_kernel(x: torch.Tensor) -> Optional[Callable]:
 def fp8_gemm_kernel(x: torch.Tensor) -> Optional[Callable]:
     """``minimoe.kernels.fp8_gemm.fp8_gemm`` if the current choice runs it on x, else None."""
     return _kernel(x, "fp8_gemm", "fp8_gemm")
+
+
+def fused_moe_kernel(x: torch.Tensor) -> Optional[Callable]:
+    """``minimoe.kernels.fused_moe.fused_moe`` if the current choice runs it on x, else None."""
+    return _kernel(x, "fused_moe", "fused_moe")
