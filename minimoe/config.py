@@ -331,7 +331,7 @@ class ModelConfig:
 
 HF_MLA_MODEL_TYPES = ("deepseek_v3", "deepseek_v2", "kimi_k2")
 HF_GQA_MODEL_TYPES = ("qwen3_moe", "mixtral", "olmoe", "glm4_moe")
-HF_OTHER_MODEL_TYPES = ("longcat_flash",)
+HF_OTHER_MODEL_TYPES = ("longcat_flash", "bailing_moe_v2")
 
 
 def _from_hf_dict(hf: dict) -> ModelConfig:
@@ -341,12 +341,90 @@ def _from_hf_dict(hf: dict) -> ModelConfig:
         return _from_hf_gqa(hf, model_type)
     if model_type == "longcat_flash":
         return _from_hf_longcat(hf)
+    if model_type == "bailing_moe_v2":
+        return _from_hf_ling(hf)
     if model_type not in HF_MLA_MODEL_TYPES:
         raise ValueError(
             f"from_hf: model_type {model_type!r} is not mapped; known: "
             f"{', '.join(HF_MLA_MODEL_TYPES + HF_GQA_MODEL_TYPES + HF_OTHER_MODEL_TYPES)}"
         )
     return _from_hf_mla(hf, model_type)
+
+
+def _from_hf_ling(hf: dict) -> ModelConfig:
+    """Ling-2.0 (model_type bailing_moe_v2; inclusionAI's configuration_bailing_moe_v2.py).
+
+    GQA with per-head QK-norm (use_qk_norm) and partial rotary (partial_rotary_factor, or
+    Ling-1T's rotary_dim), a sigmoid router with a selection bias (expert_bias, when
+    moe_router_enable_expert_bias), groups scored by their top-2 sum, renormalised gates times
+    routed_scaling_factor (the gate renormalises whenever top-k > 1; the config's
+    norm_topk_prob is not read by the modeling code), num_shared_experts shared experts of
+    width moe_intermediate_size, the first first_k_dense_replace layers dense. Key names: num_experts, num_shared_experts,
+    score_function, use_qkv_bias (q/k/v bias), use_bias (o_proj bias: refused).
+    """
+    get = hf.get
+
+    def reject(key: str, why: str) -> None:
+        raise ValueError(f"from_hf(bailing_moe_v2): {key}={get(key)!r} {why}; minimoe does not "
+                         "implement it, so the model would compute a different function")
+
+    if get("hidden_act", "silu") != "silu":
+        reject("hidden_act", "is not SwiGLU's silu")
+    if get("use_bias", False):
+        reject("use_bias", "puts a bias on the attention output projection")
+    if get("norm_head", False):
+        reject("norm_head", "normalises the output head's rows")
+    if get("use_sliding_window", False):
+        reject("use_sliding_window", "asks for sliding-window attention")
+    if get("score_function", "sigmoid") != "sigmoid":
+        reject("score_function", "is not Ling-2.0's sigmoid")
+    if get("rope_scaling") is not None:
+        reject("rope_scaling", "changes the positions (the published Ling-2.0 configs have none)")
+    heads = hf["num_attention_heads"]
+    kv_heads = get("num_key_value_heads") or heads
+    head_dim = get("head_dim") or hf["hidden_size"] // heads
+    partial = get("partial_rotary_factor", 1.0) or 1.0
+    if get("rotary_dim"):
+        partial = get("rotary_dim") / head_dim
+    expert_width = get("moe_intermediate_size")
+    shared = get("num_shared_experts") or 0
+    shared_width = get("moe_shared_expert_intermediate_size")
+    if shared and shared_width not in (None, shared * expert_width):
+        reject("moe_shared_expert_intermediate_size",
+               f"differs from num_shared_experts * moe_intermediate_size = {shared * expert_width}")
+    values = dict(
+        name=get("_name_or_path", "bailing_moe_v2") or "bailing_moe_v2",
+        vocab_size=hf["vocab_size"],
+        hidden_size=hf["hidden_size"],
+        num_hidden_layers=hf["num_hidden_layers"],
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        head_dim=head_dim,
+        intermediate_size=hf["intermediate_size"],
+        max_position_embeddings=get("max_position_embeddings", 32768),
+        rms_norm_eps=get("rms_norm_eps", 1e-6),
+        tie_word_embeddings=get("tie_word_embeddings", False),
+        attention="gqa" if kv_heads < heads else "mha",
+        attention_bias=get("use_qkv_bias", False),
+        qk_norm="per_head" if get("use_qk_norm", False) else "none",
+        rope_theta=get("rope_theta", 600000.0),
+        partial_rotary_factor=partial,
+        n_routed_experts=get("num_experts") or 0,
+        num_experts_per_tok=get("num_experts_per_tok") or 1,
+        moe_intermediate_size=expert_width or 1,
+        n_shared_experts=shared,
+        first_k_dense_replace=get("first_k_dense_replace", 0) or 0,
+        scoring_func="sigmoid",
+        topk_method="noaux_tc",
+        n_group=get("n_group") or 1,
+        topk_group=get("topk_group") or 1,
+        # BailingMoeV2Gate renormalises whenever top_k > 1, whatever norm_topk_prob says
+        norm_topk_prob=(get("num_experts_per_tok") or 1) > 1,
+        routed_scaling_factor=get("routed_scaling_factor", 1.0),
+        use_expert_bias=get("moe_router_enable_expert_bias", True),
+        num_nextn_predict_layers=get("num_nextn_predict_layers", 0) or 0,
+    )
+    return ModelConfig(**values)
 
 
 def _from_hf_longcat(hf: dict) -> ModelConfig:
