@@ -29,6 +29,21 @@ range, less precision); DeepSeek-V3 uses e4m3 *everywhere*, because fine-grained
 (below) gives every small group of numbers its own exponent offset, so the format's range
 no longer has to cover the whole tensor.
 
+Why e5m2 for gradients, elsewhere. e5m2 has the exponent field of float16: finite values
+from 2^-16 to 57344, about 32 binades, against e4m3's 18 (2^-9 .. 448). The "hybrid" recipe
+of Micikevicius et al. 2022 ("FP8 Formats for Deep Learning") and NVIDIA's Transformer
+Engine uses e4m3 for weights and activations and e5m2 for activation *gradients*, whose
+magnitudes spread over many more binades and drift during training; with one scale per
+tensor (often a "delayed" scale taken from earlier steps' amax) range is what protects
+them from overflow and underflow, and precision is what is given up: e5m2's relative
+rounding error is up to 2^-3 = 12.5%, twice e4m3's. With one scale per 1x128 tile the
+range a single scale must cover is that of 128 neighbouring numbers, which e4m3 holds, so
+DeepSeek-V3 keeps the extra mantissa bit for gradients too. Every quantiser here takes
+``fmt="e4m3" | "e5m2"`` (``FORMATS``); ``Fp8Linear(grad_fmt="e5m2")`` quantises the
+gradients in e5m2 (the hybrid recipe) while activations and weights stay e4m3, with scale
+s = amax / 57344. The spacing table above decides the rest: near the top of the format
+e4m3 steps by 32 (256, 288, ..., 448) and e5m2 by 8192 (32768, 40960, 49152, 57344).
+
 What torch does at the edges (torch 2.13, checked by the tests): casting a float32 above 448
 to ``float8_e4m3fn`` *saturates* to 448 -- and so does +inf -- while NaN stays NaN. A silently
 saturated inf would hide a diverged training step, so every quantiser here refuses
@@ -78,6 +93,9 @@ Conventions used here, as in DeepSeek's code and checkpoints: the returned scale
 * Inputs. float32, bfloat16, float16 and float64 are accepted (the arithmetic is done in
   float32); integer, bool, complex and already-FP8 tensors raise ``ValueError``, as do
   NaN / inf. Non-contiguous inputs (a transpose, a slice) are fine: q comes back contiguous.
+  (The Triton kernels, ``minimoe.kernels.fp8_quant``, do not check for NaN / inf -- that
+  would cost a pass and a host sync -- so on the kernel path a non-finite value in a tile
+  makes that tile's scale, and the GEMM rows that read it, NaN: a diverged step still shows.)
 
 Accumulation: why promote every 128 elements
 --------------------------------------------
@@ -124,7 +142,50 @@ DeepSeek-V3 runs all three in FP8 with e4m3 operands and float32 accumulation:
 Each GEMM needs its operands tiled along *its* reduction dimension, so the x quantised for
 Fprop (tiles along K) cannot serve Wgrad (tiles along M): the backward re-quantises. Here
 the layer keeps a high-precision master weight (float32), quantises it afresh in every
-forward, and the custom ``autograd.Function`` saves x and W in high precision.
+forward, and the custom ``autograd.Function`` saves x and W in high precision. A bias, if
+any, is added in float32 after the GEMM. The GEMMs always run in float32 on the dequantised
+operands, also inside ``torch.autocast`` (which the functions switch off around them); the
+result is returned in the autocast dtype when autocast is on (an FP8 GEMM writes BF16 in
+DeepSeek-V3), else in x's dtype.
+
+Routed experts: the grouped product
+-----------------------------------
+``RoutedExperts`` stores E weights stacked as (E, N, K), and ``minimoe.moe.dispatch_sorted``
+multiplies each expert's contiguous block of expert-sorted rows by its own matrix.
+``fp8_grouped_linear(rows, sizes, weight)`` is the FP8 version of that grouped product, with
+the same three GEMMs per expert e (rows block X_e of m_e tokens, its gradient dY_e):
+
+    Fprop   Y_e  = X_e  @ W_e^T   X in 1x128 tiles along K (per row: blind to the grouping),
+                                  W_e in its own 128x128 blocks (scales (E, ceil(N/128), ceil(K/128)))
+    Dgrad   dX_e = dY_e @ W_e     dY in 1x128 tiles along N, the blocks of W_e transposed
+    Wgrad   dW_e = dY_e^T @ X_e   128x1 tiles of dY_e and X_e *inside the expert's block*:
+                                  a tile never mixes the tokens of two experts
+
+(a GPU grouped GEMM does the same: its Wgrad is E separate reductions over tokens.)
+``grouped_swiglu_fp8`` is ``minimoe.moe.grouped_swiglu`` with these products.
+
+FP8 training of a whole model
+-----------------------------
+``convert_to_fp8(model)`` (or ``ModelConfig(fp8=True)`` with ``minimoe.train``) follows
+DeepSeek-V3's split (§3.3.1): the GEMMs of the experts (routed, shared, and the dense FFN of
+the first layers) and the attention projections (q/k/v/o, MLA's low-rank projections, MTP's
+``eh_proj``) run in FP8; the embedding, the output head, the MoE gate (router), the norms and
+the attention operator itself (softmax(QK^T)V) stay in high precision, and so do the master
+weights, gradients and optimiser states. It swaps every other ``nn.Linear`` for an
+``Fp8Linear`` holding the same weight (same parameter names, so checkpoints load either way)
+and marks every ``RoutedExperts`` with an ``Fp8Recipe``, which ``minimoe.moe`` and
+``RoutedExperts.expert_forward`` check. ``python -m minimoe.experiments.fp8_training`` trains
+BF16 and FP8 twins of the toy and compares their losses (the paper: relative loss error
+below 0.25%).
+
+The kernel path
+---------------
+When the kernel switch (``minimoe.kernel_switch``) chooses "triton" and the tensors can run
+Triton (CUDA, or the CPU under ``TRITON_INTERPRET=1``), the activation quantiser is
+``minimoe.kernels.fp8_quant.act_quant`` and the GEMMs are ``minimoe.kernels.fp8_gemm.fp8_gemm``
+(for e4m3 operands; e5m2 gradients take the reference path). Weights are quantised by the
+PyTorch code here in both cases. The numbers are those of the reference up to float32
+summation order.
 
 What the reader should notice
 -----------------------------
@@ -141,14 +202,22 @@ What the reader should notice
 
 from __future__ import annotations
 
+import contextlib
 import math
+from dataclasses import dataclass
+from typing import Optional, Sequence
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
+
+from minimoe import kernel_switch
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(torch.float8_e4m3fn).max  # 448.0
 E5M2_MAX = torch.finfo(torch.float8_e5m2).max  # 57344.0
+FORMATS = {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}  # fmt -> torch dtype
+FORMAT_MAX = {"e4m3": FP8_MAX, "e5m2": E5M2_MAX}  # fmt -> largest finite value
 BLOCK = 128  # tile length (activations) and block side (weights)
 AMAX_FLOOR = 1e-4  # smallest amax a scale is computed from (DeepSeek's act_quant)
 SCALE_FORMATS = ("fp32", "ue8m0")
@@ -176,9 +245,14 @@ def _check_scale_fmt(scale_fmt: str) -> None:
         raise ValueError(f"scale_fmt must be one of {SCALE_FORMATS}, got {scale_fmt!r}")
 
 
+def _check_fmt(fmt: str) -> None:
+    if fmt not in FORMATS:
+        raise ValueError(f"fmt must be one of {tuple(FORMATS)}, got {fmt!r}")
+
+
 def _check_quantised(q: torch.Tensor, scale: torch.Tensor, name: str) -> None:
-    if not isinstance(q, torch.Tensor) or q.dtype != FP8_DTYPE:
-        raise ValueError(f"{name} must be a float8_e4m3fn tensor, got "
+    if not isinstance(q, torch.Tensor) or q.dtype not in FORMATS.values():
+        raise ValueError(f"{name} must be a float8_e4m3fn or float8_e5m2 tensor, got "
                          f"{getattr(q, 'dtype', type(q).__name__)}")
     if not isinstance(scale, torch.Tensor) or scale.dtype != torch.float32:
         raise ValueError(f"{name}'s scale must be a float32 tensor, got "
@@ -190,29 +264,32 @@ def _n_blocks(n: int) -> int:
 
 
 # ----------------------------------------------------------------------------- scales
-def _scale_from_amax(amax: torch.Tensor, scale_fmt: str) -> torch.Tensor:
-    """s = max(amax, 1e-4) / 448, or that rounded up to a power of two (ue8m0)."""
-    scale = amax.float().clamp_min(AMAX_FLOOR) / FP8_MAX
+def _scale_from_amax(amax: torch.Tensor, scale_fmt: str, fmt: str = "e4m3") -> torch.Tensor:
+    """s = max(amax, 1e-4) / fmt_max, or that rounded up to a power of two (ue8m0)."""
+    scale = amax.float().clamp_min(AMAX_FLOOR) / FORMAT_MAX[fmt]
     if scale_fmt == "ue8m0":
         scale = torch.exp2(torch.ceil(torch.log2(scale)))
     return scale
 
 
-def _to_fp8(x_scaled: torch.Tensor) -> torch.Tensor:
-    # x / s can exceed 448 by a float32 rounding; clamp explicitly instead of relying on
-    # torch's saturating cast (an implementation detail other backends do not share).
-    return x_scaled.clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+def _to_fp8(x_scaled: torch.Tensor, fmt: str = "e4m3") -> torch.Tensor:
+    # x / s can exceed the format's max by a float32 rounding; clamp explicitly instead of
+    # relying on torch's saturating cast (an implementation detail other backends do not
+    # share; e5m2 would even overflow to inf).
+    top = FORMAT_MAX[fmt]
+    return x_scaled.clamp(-top, top).to(FORMATS[fmt])
 
 
 # ----------------------------------------------------------------------------- per tensor
-def quantize_per_tensor(x: torch.Tensor, scale_fmt: str = "fp32"):
-    """One scale for the whole tensor. Returns (q float8_e4m3fn like x, scale () float32)."""
+def quantize_per_tensor(x: torch.Tensor, scale_fmt: str = "fp32", fmt: str = "e4m3"):
+    """One scale for the whole tensor. Returns (q float8 like x, scale () float32)."""
     _check_input(x, "x", min_dim=0)
     _check_scale_fmt(scale_fmt)
+    _check_fmt(fmt)
     x = x.float()
-    amax = x.abs().max() if x.numel() else torch.zeros(())
-    scale = _scale_from_amax(amax, scale_fmt)  # ()
-    return _to_fp8(x / scale), scale
+    amax = x.abs().max() if x.numel() else torch.zeros((), device=x.device)
+    scale = _scale_from_amax(amax, scale_fmt, fmt)  # ()
+    return _to_fp8(x / scale, fmt), scale
 
 
 def dequantize_per_tensor(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -221,26 +298,30 @@ def dequantize_per_tensor(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------- 1x128 tiles
-def quantize_act_1x128(x: torch.Tensor, scale_fmt: str = "fp32"):
+def quantize_act_1x128(x: torch.Tensor, scale_fmt: str = "fp32", fmt: str = "e4m3"):
     """Quantise along the last dimension in tiles of 128 (DeepSeek's ``act_quant``).
 
-    x (..., K) -> q (..., K) float8_e4m3fn, scale (..., ceil(K/128)) float32, with
-    x[..., k] ~= q[..., k] * scale[..., k // 128].
+    x (..., K) -> q (..., K) float8 (``FORMATS[fmt]``), scale (..., ceil(K/128)) float32,
+    with x[..., k] ~= q[..., k] * scale[..., k // 128].
     """
     _check_input(x, "x")
     _check_scale_fmt(scale_fmt)
+    _check_fmt(fmt)
     *lead, K = x.shape
     nb = _n_blocks(K)
+    if x.numel() == 0:  # no rows or K = 0: empty results of the right shapes
+        return (torch.empty(x.shape, dtype=FORMATS[fmt], device=x.device),
+                torch.empty((*lead, nb), dtype=torch.float32, device=x.device))
     x = x.float().reshape(-1, K)  # (R, K); reshape copies a non-contiguous input
-    x_pad = torch.nn.functional.pad(x, (0, nb * BLOCK - K))  # (R, nb*128), zeros at the end
+    x_pad = F.pad(x, (0, nb * BLOCK - K))  # (R, nb*128), zeros at the end
     tiles = x_pad.view(-1, nb, BLOCK)  # (R, nb, 128)
-    scale = _scale_from_amax(tiles.abs().amax(dim=-1), scale_fmt)  # (R, nb)
-    q = _to_fp8(tiles / scale[..., None]).view(-1, nb * BLOCK)[:, :K]  # (R, K)
+    scale = _scale_from_amax(tiles.abs().amax(dim=-1), scale_fmt, fmt)  # (R, nb)
+    q = _to_fp8(tiles / scale[..., None], fmt).view(-1, nb * BLOCK)[:, :K]  # (R, K)
     return q.contiguous().view(*lead, K), scale.view(*lead, nb)
 
 
 def dequantize_act_1x128(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """q (..., K) float8_e4m3fn, scale (..., ceil(K/128)) -> float32 (..., K)."""
+    """q (..., K) float8, scale (..., ceil(K/128)) -> float32 (..., K)."""
     _check_quantised(q, scale, "q")
     K = q.shape[-1]
     if scale.shape != (*q.shape[:-1], _n_blocks(K)):
@@ -250,28 +331,54 @@ def dequantize_act_1x128(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------- 128x128 blocks
-def quantize_weight_128x128(w: torch.Tensor, scale_fmt: str = "fp32"):
+def _quantize_blocks(w: torch.Tensor, scale_fmt: str, fmt: str):
+    """w (..., N, K) -> q (..., N, K), scale (..., ceil(N/128), ceil(K/128)); checked input."""
+    *lead, N, K = w.shape
+    nbn, nbk = _n_blocks(N), _n_blocks(K)
+    if w.numel() == 0:
+        return (torch.empty(w.shape, dtype=FORMATS[fmt], device=w.device),
+                torch.full((*lead, nbn, nbk), AMAX_FLOOR / FORMAT_MAX[fmt], device=w.device))
+    w_pad = F.pad(w.float(), (0, nbk * BLOCK - K, 0, nbn * BLOCK - N))  # (..., nbn*128, nbk*128)
+    blocks = w_pad.reshape(-1, nbn, BLOCK, nbk, BLOCK)  # (L, nbn, 128, nbk, 128)
+    scale = _scale_from_amax(blocks.abs().amax(dim=(2, 4)), scale_fmt, fmt)  # (L, nbn, nbk)
+    q = _to_fp8(blocks / scale[:, :, None, :, None], fmt)  # (L, nbn, 128, nbk, 128)
+    q = q.view(-1, nbn * BLOCK, nbk * BLOCK)[:, :N, :K].contiguous()  # (L, N, K)
+    return q.view(*lead, N, K), scale.view(*lead, nbn, nbk)
+
+
+def quantize_weight_128x128(w: torch.Tensor, scale_fmt: str = "fp32", fmt: str = "e4m3"):
     """Quantise a (out, in) matrix in 128x128 blocks (the checkpoints' ``weight_scale_inv``).
 
-    w (N, K) -> q (N, K) float8_e4m3fn, scale_inv (ceil(N/128), ceil(K/128)) float32, with
+    w (N, K) -> q (N, K) float8, scale_inv (ceil(N/128), ceil(K/128)) float32, with
     w[n, k] ~= q[n, k] * scale_inv[n // 128, k // 128].
     """
     _check_input(w, "w", min_dim=2)
     if w.dim() != 2:
         raise ValueError(f"w must be a 2-D (out_features, in_features) matrix, got shape "
+                         f"{tuple(w.shape)} (stacked expert weights: quantize_stacked_weights_128x128)")
+    _check_scale_fmt(scale_fmt)
+    _check_fmt(fmt)
+    return _quantize_blocks(w, scale_fmt, fmt)
+
+
+def quantize_stacked_weights_128x128(w: torch.Tensor, scale_fmt: str = "fp32",
+                                     fmt: str = "e4m3"):
+    """Quantise E stacked matrices (the routed experts' (E, N, K)), each in its own blocks.
+
+    w (E, N, K) -> q (E, N, K) float8, scale_inv (E, ceil(N/128), ceil(K/128)) float32;
+    q[e], scale_inv[e] == quantize_weight_128x128(w[e]). No block spans two experts.
+    """
+    _check_input(w, "w", min_dim=3)
+    if w.dim() != 3:
+        raise ValueError(f"w must be (num_experts, out_features, in_features), got shape "
                          f"{tuple(w.shape)}")
     _check_scale_fmt(scale_fmt)
-    N, K = w.shape
-    nbn, nbk = _n_blocks(N), _n_blocks(K)
-    w_pad = torch.nn.functional.pad(w.float(), (0, nbk * BLOCK - K, 0, nbn * BLOCK - N))
-    blocks = w_pad.view(nbn, BLOCK, nbk, BLOCK)  # (nbn, 128, nbk, 128)
-    scale = _scale_from_amax(blocks.abs().amax(dim=(1, 3)), scale_fmt)  # (nbn, nbk)
-    q = _to_fp8(blocks / scale[:, None, :, None]).view(nbn * BLOCK, nbk * BLOCK)[:N, :K]
-    return q.contiguous(), scale
+    _check_fmt(fmt)
+    return _quantize_blocks(w, scale_fmt, fmt)
 
 
 def dequantize_weight_128x128(q: torch.Tensor, scale_inv: torch.Tensor) -> torch.Tensor:
-    """q (N, K) float8_e4m3fn, scale_inv (ceil(N/128), ceil(K/128)) -> float32 (N, K)."""
+    """q (N, K) float8, scale_inv (ceil(N/128), ceil(K/128)) -> float32 (N, K)."""
     _check_quantised(q, scale_inv, "q")
     if q.dim() != 2 or scale_inv.shape != (_n_blocks(q.shape[0]), _n_blocks(q.shape[1])):
         raise ValueError(f"scale_inv must have shape (ceil(N/128), ceil(K/128)) for q of shape "
@@ -329,7 +436,7 @@ def fp8_matmul_reference(a_q: torch.Tensor, a_scale: torch.Tensor, w_q: torch.Te
 
     a_q (M, K) with a_scale (M, ceil(K/128)) [1x128 tiles] or 128x128 blocks;
     w_q (N, K) with w_scale (ceil(N/128), ceil(K/128)) [128x128 blocks] or 1x128 tiles.
-    Returns y (M, N) float32.
+    Either operand may be e4m3 or e5m2. Returns y (M, N) float32.
 
     accumulator_bits None: float32 accumulation. Otherwise each promotion interval of
     `promote_every` products along K (None: all of K) is summed with the running partial sum
@@ -347,7 +454,7 @@ def fp8_matmul_reference(a_q: torch.Tensor, a_scale: torch.Tensor, w_q: torch.Te
         return a @ w.T  # (M, N), float32 throughout
     M, K = a.shape
     interval = K if promote_every is None else promote_every
-    y = torch.zeros(M, w.shape[0])  # (M, N) the float32 accumulator
+    y = torch.zeros(M, w.shape[0], device=a.device)  # (M, N) the float32 accumulator
     for start in range(0, K, interval):
         partial = torch.zeros_like(y)  # (M, N) the limited-precision accumulator
         for k in range(start, min(start + interval, K)):
@@ -357,71 +464,288 @@ def fp8_matmul_reference(a_q: torch.Tensor, a_scale: torch.Tensor, w_q: torch.Te
     return y
 
 
+# ----------------------------------------------------------------------------- which code runs
+# The layer functions below quantise activations and multiply through these two helpers: the
+# Triton kernels when the kernel switch chooses "triton" and they can run here (e4m3 only),
+# the PyTorch reference above otherwise.
+def _quantize_act(x: torch.Tensor, scale_fmt: str, fmt: str = "e4m3"):
+    """1x128 tiles of x (..., K) along its last dim: act_quant kernel or quantize_act_1x128."""
+    kernel = kernel_switch.fp8_act_quant_kernel(x) if fmt == "e4m3" else None
+    if kernel is not None and x.dtype != torch.float64:
+        return kernel(x.contiguous(), scale_fmt)
+    return quantize_act_1x128(x, scale_fmt, fmt)
+
+
+def _gemm(a_q: torch.Tensor, a_scale: torch.Tensor, w_q: torch.Tensor,
+          w_scale: torch.Tensor) -> torch.Tensor:
+    """(M, N) float32 = dequant(a) @ dequant(w)^T: the fp8_gemm kernel or the reference."""
+    if a_q.dtype == w_q.dtype == FP8_DTYPE:
+        kernel = kernel_switch.fp8_gemm_kernel(a_q)
+        if kernel is not None:
+            return kernel(a_q.contiguous(), a_scale.contiguous(), w_q.contiguous(),
+                          w_scale.contiguous())
+    return fp8_matmul_reference(a_q, a_scale, w_q, w_scale)
+
+
+@contextlib.contextmanager
+def _high_precision(device: torch.device):
+    """No autocast inside: the simulated FP8 GEMM is a float32 matmul and must stay one."""
+    if torch.amp.is_autocast_available(device.type):
+        with torch.autocast(device_type=device.type, enabled=False):
+            yield
+    else:
+        yield
+
+
+def _result_dtype(x: torch.Tensor) -> torch.dtype:
+    """The autocast dtype where autocast is on for x's device (FP8 GEMMs write BF16), else x's."""
+    device_type = x.device.type
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return x.dtype
+
+
+@dataclass(frozen=True)
+class Fp8Recipe:
+    """How the FP8 GEMMs of a module quantise: scale format, and the gradients' format."""
+
+    scale_fmt: str = "fp32"  # "fp32" | "ue8m0"
+    grad_fmt: str = "e4m3"  # "e4m3" (DeepSeek-V3) | "e5m2" (the hybrid recipe)
+
+    def __post_init__(self) -> None:
+        _check_scale_fmt(self.scale_fmt)
+        if self.grad_fmt not in FORMATS:
+            raise ValueError(f"grad_fmt must be one of {tuple(FORMATS)}, got {self.grad_fmt!r}")
+
+
 # ----------------------------------------------------------------------------- the layer
 class _Fp8LinearFunction(torch.autograd.Function):
     """y = x W^T with Fprop, Dgrad and Wgrad as FP8 GEMMs (float32 accumulation)."""
 
     @staticmethod
-    def forward(ctx, x2d, weight, scale_fmt):
+    def forward(ctx, x2d, weight, recipe):
         ctx.save_for_backward(x2d, weight)
-        ctx.scale_fmt = scale_fmt
-        x_q, x_s = quantize_act_1x128(x2d, scale_fmt)  # (M, K), (M, ceil(K/128))
-        w_q, w_s = quantize_weight_128x128(weight, scale_fmt)  # (N, K), (ceil(N/128), ceil(K/128))
-        return fp8_matmul_reference(x_q, x_s, w_q, w_s)  # (M, N)
+        ctx.recipe = recipe
+        ctx.kernels = kernel_switch.current_kernels()  # the backward runs outside the model's choice
+        with _high_precision(x2d.device):
+            x_q, x_s = _quantize_act(x2d, recipe.scale_fmt)  # (M, K), (M, ceil(K/128))
+            w_q, w_s = quantize_weight_128x128(weight, recipe.scale_fmt)  # (N, K), (ceil(N/128), ceil(K/128))
+            return _gemm(x_q, x_s, w_q, w_s)  # (M, N) float32
 
     @staticmethod
     def backward(ctx, grad_out):
         x2d, weight = ctx.saved_tensors
-        fmt = ctx.scale_fmt
-        grad_out = grad_out.float()  # (M, N)
+        fmt, grad_fmt = ctx.recipe.scale_fmt, ctx.recipe.grad_fmt
         grad_x = grad_w = None
-        if ctx.needs_input_grad[0]:
-            # Dgrad: dx = dy @ W, reduce over N. dy in 1x128 tiles along N; W^T (K, N) has
-            # the same 128x128 blocks as W, transposed.
-            g_q, g_s = quantize_act_1x128(grad_out, fmt)  # (M, N), (M, ceil(N/128))
-            w_q, w_s = quantize_weight_128x128(weight, fmt)
-            grad_x = fp8_matmul_reference(g_q, g_s, w_q.T.contiguous(), w_s.T.contiguous())  # (M, K)
-        if ctx.needs_input_grad[1]:
-            # Wgrad: dW = dy^T @ x, reduce over M (tokens): both operands tiled along M,
-            # i.e. 128x1 tiles of dy (M, N) and x (M, K).
-            gt_q, gt_s = quantize_act_1x128(grad_out.T, fmt)  # (N, M), (N, ceil(M/128))
-            xt_q, xt_s = quantize_act_1x128(x2d.T, fmt)  # (K, M), (K, ceil(M/128))
-            grad_w = fp8_matmul_reference(gt_q, gt_s, xt_q, xt_s)  # (N, K)
+        with kernel_switch.use_kernels(ctx.kernels), _high_precision(x2d.device):
+            grad_out = grad_out.float()  # (M, N)
+            if ctx.needs_input_grad[0]:
+                # Dgrad: dx = dy @ W, reduce over N. dy in 1x128 tiles along N; W^T (K, N) has
+                # the same 128x128 blocks as W, transposed.
+                g_q, g_s = _quantize_act(grad_out, fmt, grad_fmt)  # (M, N), (M, ceil(N/128))
+                w_q, w_s = quantize_weight_128x128(weight, fmt)
+                grad_x = _gemm(g_q, g_s, w_q.T.contiguous(), w_s.T.contiguous())  # (M, K)
+                grad_x = grad_x.to(x2d.dtype)
+            if ctx.needs_input_grad[1]:
+                # Wgrad: dW = dy^T @ x, reduce over M (tokens): both operands tiled along M,
+                # i.e. 128x1 tiles of dy (M, N) and x (M, K).
+                gt_q, gt_s = _quantize_act(grad_out.T, fmt, grad_fmt)  # (N, M), (N, ceil(M/128))
+                xt_q, xt_s = _quantize_act(x2d.T, fmt)  # (K, M), (K, ceil(M/128))
+                grad_w = _gemm(gt_q, gt_s, xt_q, xt_s).to(weight.dtype)  # (N, K)
         return grad_x, grad_w, None
 
 
+def fp8_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
+               recipe: Fp8Recipe = Fp8Recipe()) -> torch.Tensor:
+    """F.linear(x, weight, bias) with its three GEMMs in simulated FP8.
+
+    x (..., K) float; weight (N, K) high-precision master weight; bias (N,) or None, added
+    in float32. Returns (..., N) in the autocast dtype under autocast, else in x's dtype.
+    """
+    if not isinstance(x, torch.Tensor) or not isinstance(weight, torch.Tensor):
+        raise ValueError("fp8_linear: x and weight must be tensors")
+    if weight.dim() != 2 or x.dim() < 1 or x.shape[-1] != weight.shape[1]:
+        raise ValueError(f"fp8_linear: x (..., K) and weight (N, K) must share K, got shapes "
+                         f"{tuple(x.shape)} and {tuple(weight.shape)}")
+    *lead, K = x.shape
+    N = weight.shape[0]
+    y = _Fp8LinearFunction.apply(x.reshape(-1, K), weight, recipe)  # (M, N) float32
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(_result_dtype(x)).view(*lead, N)
+
+
 class Fp8Linear(nn.Module):
-    """A bias-free linear layer whose three GEMMs are simulated FP8 (e4m3, 1x128 / 128x128).
+    """A linear layer whose three GEMMs are simulated FP8 (e4m3, 1x128 / 128x128).
 
     The weight (out_features, in_features) is a float32 master copy that the optimiser
     updates; it is quantised in 128x128 blocks at every forward. Input x (..., in_features)
-    of any supported float dtype; output (..., out_features) in x's dtype.
+    of any supported float dtype; output (..., out_features) in x's dtype (in the autocast
+    dtype under autocast). The optional bias stays high precision. grad_fmt="e5m2" quantises
+    the gradients in e5m2 (the hybrid recipe) instead of e4m3 (DeepSeek-V3).
     """
 
-    def __init__(self, in_features: int, out_features: int, scale_fmt: str = "fp32"):
+    def __init__(self, in_features: int, out_features: int, scale_fmt: str = "fp32",
+                 bias: bool = False, grad_fmt: str = "e4m3", device=None):
         super().__init__()
-        _check_scale_fmt(scale_fmt)
+        self.recipe = Fp8Recipe(scale_fmt, grad_fmt)
         self.in_features, self.out_features, self.scale_fmt = in_features, out_features, scale_fmt
-        self.weight = nn.Parameter(torch.empty(out_features, in_features))
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, device=device))
         nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))  # nn.Linear's default
+        if bias:
+            self.bias = nn.Parameter(torch.zeros(out_features, device=device))
+        else:
+            self.register_parameter("bias", None)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, scale_fmt: str = "fp32") -> "Fp8Linear":
-        if linear.bias is not None:
-            raise ValueError("Fp8Linear has no bias; got an nn.Linear with one")
-        layer = cls(linear.in_features, linear.out_features, scale_fmt)
+    def from_linear(cls, linear: nn.Linear, scale_fmt: str = "fp32",
+                    grad_fmt: str = "e4m3") -> "Fp8Linear":
+        """An Fp8Linear holding a float32 copy of linear's weight (and bias) on its device."""
+        layer = cls(linear.in_features, linear.out_features, scale_fmt,
+                    bias=linear.bias is not None, grad_fmt=grad_fmt, device=linear.weight.device)
         with torch.no_grad():
             layer.weight.copy_(linear.weight.float())
+            if linear.bias is not None:
+                layer.bias.copy_(linear.bias.float())
+        layer.train(linear.training)
         return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
             raise ValueError(f"x must end in in_features={self.in_features}, got shape "
                              f"{tuple(x.shape)}")
-        *lead, K = x.shape
-        y = _Fp8LinearFunction.apply(x.reshape(-1, K), self.weight, self.scale_fmt)  # (M, N)
-        return y.to(x.dtype).view(*lead, self.out_features)
+        return fp8_linear(x, self.weight, self.bias, self.recipe)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"scale_fmt={self.scale_fmt!r}")
+                f"bias={self.bias is not None}, scale_fmt={self.scale_fmt!r}, "
+                f"grad_fmt={self.recipe.grad_fmt!r}")
+
+
+# ----------------------------------------------------------------------------- routed experts
+def _group_bounds(sizes: Sequence[int]) -> list[tuple[int, int]]:
+    """[(start, end)] of each expert's block of rows: sizes (3, 0, 2) -> [(0,3), (3,3), (3,5)]."""
+    bounds, start = [], 0
+    for size in sizes:
+        bounds.append((start, start + size))
+        start += size
+    return bounds
+
+
+class _Fp8GroupedLinearFunction(torch.autograd.Function):
+    """Block e of rows times weight[e]^T, each of the three GEMMs in simulated FP8."""
+
+    @staticmethod
+    def forward(ctx, rows, weight, sizes, recipe):
+        ctx.save_for_backward(rows, weight)
+        ctx.sizes, ctx.recipe = sizes, recipe
+        ctx.kernels = kernel_switch.current_kernels()
+        with _high_precision(rows.device):
+            x_q, x_s = _quantize_act(rows, recipe.scale_fmt)  # (M, K), (M, ceil(K/128))
+            w_q, w_s = quantize_stacked_weights_128x128(weight, recipe.scale_fmt)  # (E, N, K), (E, nbn, nbk)
+            blocks = [_gemm(x_q[start:end], x_s[start:end], w_q[e], w_s[e])  # (m_e, N)
+                      for e, (start, end) in enumerate(_group_bounds(sizes))]
+            return torch.cat(blocks)  # (M, N) float32
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        rows, weight = ctx.saved_tensors
+        fmt, grad_fmt = ctx.recipe.scale_fmt, ctx.recipe.grad_fmt
+        bounds = _group_bounds(ctx.sizes)
+        grad_rows = grad_weight = None
+        with kernel_switch.use_kernels(ctx.kernels), _high_precision(rows.device):
+            grad_out = grad_out.float()  # (M, N)
+            w_q, w_s = quantize_stacked_weights_128x128(weight, fmt)  # (E, N, K), (E, nbn, nbk)
+            if ctx.needs_input_grad[0]:
+                # Dgrad: dX_e = dY_e @ W_e; dY in 1x128 tiles along N (per row), W_e^T's blocks
+                g_q, g_s = _quantize_act(grad_out, fmt, grad_fmt)  # (M, N), (M, ceil(N/128))
+                grad_rows = torch.cat([
+                    _gemm(g_q[start:end], g_s[start:end], w_q[e].T.contiguous(),
+                          w_s[e].T.contiguous())  # (m_e, K)
+                    for e, (start, end) in enumerate(bounds)]).to(rows.dtype)  # (M, K)
+            if ctx.needs_input_grad[1]:
+                # Wgrad: dW_e = dY_e^T @ X_e, reduce over expert e's tokens: 128x1 tiles that
+                # start at the expert's first row and never reach into the next expert's rows
+                grads = []
+                for start, end in bounds:
+                    if end == start:  # nobody chose this expert: no tokens, zero gradient
+                        grads.append(torch.zeros(weight.shape[1:], device=weight.device))
+                        continue
+                    gt_q, gt_s = _quantize_act(grad_out[start:end].T, fmt, grad_fmt)  # (N, m_e)
+                    xt_q, xt_s = _quantize_act(rows[start:end].T, fmt)  # (K, m_e)
+                    grads.append(_gemm(gt_q, gt_s, xt_q, xt_s))  # (N, K)
+                grad_weight = torch.stack(grads).to(weight.dtype)  # (E, N, K)
+        return grad_rows, grad_weight, None, None
+
+
+def fp8_grouped_linear(rows: torch.Tensor, sizes: Sequence[int], weight: torch.Tensor,
+                       recipe: Fp8Recipe = Fp8Recipe()) -> torch.Tensor:
+    """The grouped product of ``minimoe.moe`` in simulated FP8.
+
+    rows (M, K) sorted by expert in E contiguous blocks of ``sizes`` rows (zeros allowed);
+    weight (E, N, K) stacked master weights. Returns (M, N), block e = rows_e @ weight[e]^T,
+    in the autocast dtype under autocast, else in rows' dtype.
+    """
+    sizes = tuple(int(size) for size in sizes)
+    if rows.dim() != 2 or weight.dim() != 3 or rows.shape[1] != weight.shape[2]:
+        raise ValueError(f"fp8_grouped_linear: rows (M, K) and weight (E, N, K) must share K, "
+                         f"got shapes {tuple(rows.shape)} and {tuple(weight.shape)}")
+    if len(sizes) != weight.shape[0] or sum(sizes) != rows.shape[0] or min(sizes, default=0) < 0:
+        raise ValueError(f"fp8_grouped_linear: sizes must be {weight.shape[0]} non-negative "
+                         f"counts summing to {rows.shape[0]} rows, got {sizes}")
+    y = _Fp8GroupedLinearFunction.apply(rows, weight, sizes, recipe)  # (M, N) float32
+    return y.to(_result_dtype(rows))
+
+
+def grouped_swiglu_fp8(rows: torch.Tensor, counts: torch.Tensor, experts,
+                       row_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``minimoe.moe.grouped_swiglu`` with FP8 grouped products: (M, C) -> (M, C).
+
+    rows sorted by expert, counts (E,) rows per expert, row_scale (M,) or None multiplies
+    each row's hidden activation before the down projection. Uses experts.fp8_recipe.
+    """
+    recipe = experts.fp8_recipe or Fp8Recipe()
+    sizes = counts.tolist()  # rows per expert, as Python ints
+    gate = fp8_grouped_linear(rows, sizes, experts.gate_proj, recipe)  # (M, I)
+    up = fp8_grouped_linear(rows, sizes, experts.up_proj, recipe)  # (M, I)
+    hidden = F.silu(gate) * up  # (M, I)
+    if row_scale is not None:
+        hidden = (hidden * row_scale.unsqueeze(-1)).to(hidden.dtype)  # (M, I)
+    return fp8_grouped_linear(hidden, sizes, experts.down_proj, recipe)  # (M, C)
+
+
+def expert_forward_fp8(experts, e: int, x: torch.Tensor) -> torch.Tensor:
+    """``RoutedExperts.expert_forward`` with FP8 products: expert e on x (n, C) -> (n, C)."""
+    recipe = experts.fp8_recipe or Fp8Recipe()
+    gate = fp8_linear(x, experts.gate_proj[e], recipe=recipe)  # (n, I)
+    up = fp8_linear(x, experts.up_proj[e], recipe=recipe)  # (n, I)
+    return fp8_linear(F.silu(gate) * up, experts.down_proj[e], recipe=recipe)  # (n, C)
+
+
+# ----------------------------------------------------------------------------- whole models
+HIGH_PRECISION_LINEARS = ("lm_head",)  # nn.Linear children that convert_to_fp8 leaves alone
+
+
+def convert_to_fp8(model: nn.Module, scale_fmt: str = "fp32", grad_fmt: str = "e4m3") -> list[str]:
+    """Switch a model's expert and attention-projection GEMMs to FP8, in place.
+
+    Every ``nn.Linear`` except the output head (``HIGH_PRECISION_LINEARS``) becomes an
+    ``Fp8Linear`` holding a float32 copy of the same weight under the same names; every
+    ``RoutedExperts`` gets ``fp8_recipe`` set, which routes its products through
+    ``grouped_swiglu_fp8`` / ``expert_forward_fp8``. Embedding, output head, router, norms
+    and the attention operator are untouched. Build the optimiser *after* converting (the
+    converted layers hold new Parameter objects). Returns the converted modules' names.
+    """
+    from minimoe.experts import RoutedExperts  # minimoe.experts imports this module lazily
+
+    recipe = Fp8Recipe(scale_fmt, grad_fmt)
+    converted = []
+    for parent_name, parent in list(model.named_modules()):
+        if isinstance(parent, RoutedExperts):
+            parent.fp8_recipe = recipe
+            converted.append(parent_name)
+        for name, child in list(parent.named_children()):
+            if type(child) is nn.Linear and name not in HIGH_PRECISION_LINEARS:
+                setattr(parent, name, Fp8Linear.from_linear(child, scale_fmt, grad_fmt))
+                converted.append(f"{parent_name}.{name}" if parent_name else name)
+    return sorted(converted)

@@ -126,7 +126,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from minimoe import balance
+from minimoe import balance, fp8
 from minimoe.config import ModelConfig
 from minimoe.experts import RoutedExperts, SwiGLU
 from minimoe.router import Router
@@ -273,7 +273,10 @@ def grouped_swiglu(rows: torch.Tensor, counts: torch.Tensor, experts: RoutedExpe
     or None multiplies each row's hidden activation before the down projection.
     GMM(A, W) below = row block e of A times W[e]; autograd differentiates it as
     dA = GMM(dY, W^T) and dW[e] = A_e^T dY_e -- the backward is grouped matmuls too.
+    Experts marked for FP8 training (``minimoe.fp8.convert_to_fp8``) run FP8 grouped products.
     """
+    if experts.fp8_recipe is not None:
+        return fp8.grouped_swiglu_fp8(rows, counts, experts, row_scale)  # (M, C)
     if backend == "grouped_mm":
         offs = counts.cumsum(0).to(torch.int32)  # (E,) end row of each expert's block
         # torch._grouped_mm(a (M, K), b (E, K, N), offs) -> (M, N): block e of a times b[e].

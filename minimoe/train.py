@@ -15,7 +15,8 @@ with the same loop as a dense one.
 * Gradient checkpointing (``--grad-checkpointing``) recomputes each layer's activations
   in the backward pass instead of storing them.
 * Mixed precision: ``--dtype bf16`` runs matmuls under ``torch.autocast`` with master
-  weights and the optimiser in float32.
+  weights and the optimiser in float32. ``ModelConfig.fp8`` (``minimoe train --fp8``) also
+  runs the expert and attention-projection GEMMs in simulated FP8 (``minimoe.fp8``).
 
 The two MoE lines:
 
@@ -45,6 +46,7 @@ import torch
 from safetensors.torch import load_model, save_model
 
 from minimoe import data as data_lib
+from minimoe import fp8
 from minimoe.config import ModelConfig
 from minimoe.model import Transformer
 
@@ -156,6 +158,8 @@ def load_checkpoint(out_dir: str, device: torch.device | str = "cpu") -> Transfo
     with open(config_path) as handle:
         cfg = ModelConfig.from_dict(json.load(handle))
     model = Transformer(cfg)
+    if cfg.fp8:  # same parameter names either way; FP8 layers before loading
+        fp8.convert_to_fp8(model)
     missing, unexpected = load_model(model, weights_path, strict=True)
     return model.to(device)
 
@@ -210,6 +214,8 @@ def train(args: TrainArgs, on_step: Optional[Callable[[dict], None]] = None):
     else:
         cfg = ModelConfig.preset(args.preset, **args.config_overrides)
         model = Transformer(cfg).to(device)
+        if cfg.fp8:  # FP8 GEMMs for experts and attention projections (DeepSeek-V3 §3.3)
+            fp8.convert_to_fp8(model)
     model.gradient_checkpointing = args.grad_checkpointing
     optimizer = make_optimizer(model, args)
     if args.resume and checkpoint_exists:
