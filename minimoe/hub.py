@@ -10,8 +10,8 @@ hold layers 0..3, the embedding, the final norm and the head -- a few GB, not hu
 
 So a download is two steps:
 
-1. fetch the small files: ``*.json`` (config.json, the index, tokenizer.json,
-   tokenizer_config.json, generation_config.json, special_tokens_map.json);
+1. fetch the small files: ``*.json`` and ``*.jinja`` (config.json, the index, tokenizer.json,
+   tokenizer_config.json, generation_config.json, chat_template.jinja);
 2. read the index, compute the shards that hold a needed tensor (``needed_shards``) and
    fetch exactly those (all ``*.safetensors`` when the repository has no index, i.e. one
    ``model.safetensors``).
@@ -39,7 +39,7 @@ import re
 from typing import Iterable, Optional
 
 INDEX_FILE = "model.safetensors.index.json"
-SMALL_FILE_PATTERNS = ["*.json"]  # config, index, tokenizer, generation config
+SMALL_FILE_PATTERNS = ["*.json", "*.jinja"]  # config, index, tokenizer, chat template
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 
 

@@ -90,7 +90,7 @@ def test_download_fetches_only_the_needed_shards(tmp_path, monkeypatch):
     monkeypatch.setattr(huggingface_hub, "snapshot_download", _fake_hub(remote, calls))
 
     part = minimoe.load_pretrained("someone/tiny-moe", layers=[0])
-    assert calls[0] == ["*.json"]
+    assert calls[0] == hub.SMALL_FILE_PATTERNS
     wanted = hub.needed_shards(index, layers=[0])
     assert calls[1] == wanted and len(wanted) < len(set(index.values()))
     fetched = sorted(n for n in os.listdir(tmp_path / "cache") if n.endswith(".safetensors"))
@@ -108,7 +108,7 @@ def test_download_without_index_fetches_the_single_file(tmp_path, monkeypatch):
     calls = []
     monkeypatch.setattr(huggingface_hub, "snapshot_download", _fake_hub(remote, calls))
     folder = hub.download_checkpoint("someone/single", layers=[0])
-    assert calls == [["*.json"], ["*.safetensors"]]
+    assert calls == [hub.SMALL_FILE_PATTERNS, ["*.safetensors"]]
     assert os.path.exists(os.path.join(folder, "model.safetensors"))
 
 
