@@ -236,13 +236,24 @@ def test_unknown_published_name():
 
 
 # ---- agreement with the module -------------------------------------------------------------------
-@pytest.mark.parametrize("preset", ["toy", "toy-classic", "toy-gqa", "toy-dense"])
+# LongCat-Flash's shortcut block at toy size: 2 MLA + 2 dense FFNs + MoE with identity experts
+# per layer, one dense MTP module
+LONGCAT_TINY = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                    num_key_value_heads=2, intermediate_size=48, q_lora_rank=16, kv_lora_rank=8,
+                    qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8, n_routed_experts=6,
+                    n_zero_experts=2, num_experts_per_tok=3, moe_intermediate_size=12)
+
+
+@pytest.mark.parametrize("preset", ["toy", "toy-classic", "toy-gqa", "toy-dense", "longcat-tiny"])
 def test_count_params_matches_module(preset):
     try:
         from minimoe.model import Transformer
     except ImportError as error:  # the model's modules are not all present yet
         pytest.skip(f"minimoe.model cannot be imported: {error}")
-    cfg = minimoe.ModelConfig.preset(preset)
+    if preset == "longcat-tiny":
+        cfg = minimoe.ModelConfig.preset("longcat-flash", **LONGCAT_TINY)
+    else:
+        cfg = minimoe.ModelConfig.preset(preset)
     model = Transformer(cfg)
     n = sum(p.numel() for p in model.parameters())  # tied weights are counted once
     # The selection-only expert bias is a buffer in minimoe (no gradient flows to it) but a
