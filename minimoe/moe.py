@@ -126,7 +126,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from minimoe import balance, fp8
+from minimoe import balance, fp8, kernel_switch
 from minimoe.config import ModelConfig
 from minimoe.experts import RoutedExperts, SwiGLU
 from minimoe.router import Router
@@ -314,8 +314,16 @@ def dispatch_sorted(
       4. grouped SwiGLU: each expert's contiguous block times its weights (M, C)
       5. multiply by the gate weights; index_add_ back to the token rows  (N, C)
          (the weight multiplies h before W_d instead when I < C: same product)
+    With kernels="triton" (``minimoe.kernel_switch``) and backend None, all five steps run as
+    ``minimoe.kernels.fused_moe`` (aligned grouped GEMMs, gather and SwiGLU fused) when the
+    weights are in x's dtype and not FP8.
     """
     _check_routing(x, topk_idx, topk_weight, experts, mask)
+    kernel = kernel_switch.fused_moe_kernel(x) if backend is None else None
+    if (kernel is not None and experts.gate_proj.dtype == x.dtype
+            and getattr(experts, "fp8_recipe", None) is None):
+        return kernel(x, topk_idx, topk_weight, experts.gate_proj, experts.up_proj,
+                      experts.down_proj, mask=mask, check_indices=False)  # (N, C)
     N, C = x.shape
     k = topk_idx.shape[1]
     E = experts.num_experts

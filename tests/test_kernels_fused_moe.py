@@ -1,0 +1,207 @@
+"""The fused MoE kernels (minimoe.kernels.fused_moe) against minimoe.moe.dispatch_naive, on the CPU.
+
+The kernels run through Triton's interpreter (TRITON_INTERPRET set before triton is
+imported; see tests/test_kernels_rmsnorm.py). The reference is the readable per-expert loop
+``dispatch_naive`` differentiated by autograd: the output and the gradients of x,
+topk_weight and the three expert weights are compared. float32 and float16 here (the
+interpreter's bfloat16 tl.dot is wrong); bfloat16 only on a CUDA GPU.
+"""
+
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+pytest.importorskip("triton")
+
+import minimoe  # noqa: E402
+from minimoe import kernel_switch  # noqa: E402
+from minimoe.experts import RoutedExperts  # noqa: E402
+from minimoe.moe import dispatch_naive, dispatch_sorted  # noqa: E402
+
+if not kernel_switch.triton_interpreted():
+    pytest.skip("triton was imported before TRITON_INTERPRET=1 was set; run this file alone",
+                allow_module_level=True)
+
+from minimoe.kernels.fused_moe import fused_moe  # noqa: E402
+
+# max |kernel - reference| <= TOLERANCE * max |reference| per tensor; float16 is compared with
+# a float32 reference on the same (float16) values, its intermediates round to 11 bits
+TOLERANCE = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 4e-2}
+
+
+def routing(kind: str, N: int, k: int, E: int, gen: torch.Generator):
+    """(topk_idx (N, k) long, topk_weight (N, k) float32); k distinct experts per token."""
+    scores = torch.rand(N, E, generator=gen)
+    if kind == "skewed":  # one expert takes most slots, the last ones none
+        scores = scores * torch.linspace(1.0, 0.0, E).pow(4)
+    elif kind == "sparse":  # only a few experts are ever chosen
+        scores = scores * 1e-3
+        scores[:, 1] += 1.0
+        scores[:, E - 2] += 0.5
+    topk_idx = scores.topk(k, dim=-1).indices  # (N, k)
+    topk_weight = torch.rand(N, k, generator=gen) + 0.1  # (N, k) float32
+    return topk_idx, topk_weight
+
+
+def make_experts(E, C, I, dtype, gen):
+    experts = RoutedExperts(E, C, I)
+    with torch.no_grad():
+        for weight in (experts.gate_proj, experts.up_proj, experts.down_proj):
+            weight.copy_(torch.randn(weight.shape, generator=gen) / weight.shape[-1] ** 0.5)
+    return experts.to(dtype)
+
+
+def run(fn, x, topk_idx, topk_weight, experts, d_out, mask=None):
+    """fn's output and the gradients (x, topk_weight, gate, up, down) for d_out."""
+    experts.zero_grad(set_to_none=True)
+    x = x.detach().clone().requires_grad_()
+    topk_weight = topk_weight.detach().clone().requires_grad_()
+    out = fn(x, topk_idx, topk_weight, experts, mask)
+    out.backward(d_out)
+    return [out.detach(), x.grad, topk_weight.grad, experts.gate_proj.grad,
+            experts.up_proj.grad, experts.down_proj.grad]
+
+
+def kernel(x, topk_idx, topk_weight, experts, mask):
+    return fused_moe(x, topk_idx, topk_weight, experts.gate_proj, experts.up_proj,
+                     experts.down_proj, mask=mask)
+
+
+def reference(x, topk_idx, topk_weight, experts, mask):
+    return dispatch_naive(x, topk_idx, topk_weight, experts, mask=mask)
+
+
+NAMES = ["out", "dx", "d topk_weight", "d gate_proj", "d up_proj", "d down_proj"]
+
+
+def assert_close(got, want, dtype):
+    for name, a, b in zip(NAMES, got, want):
+        assert a.shape == b.shape, name
+        scale = b.float().abs().max().clamp_min(1e-6)
+        error = (a.float() - b.float()).abs().max()
+        assert error <= TOLERANCE[dtype] * scale, f"{name}: error {float(error):.3g}, scale {float(scale):.3g}"
+
+
+def compare(N, C, I, E, k, kind, dtype, mask_every=None, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    experts = make_experts(E, C, I, dtype, gen)
+    x = torch.randn(N, C, generator=gen).to(dtype)
+    topk_idx, topk_weight = routing(kind, N, k, E, gen)
+    mask = None
+    if mask_every is not None:
+        mask = torch.ones(N, k, dtype=torch.bool)
+        mask.view(-1)[::mask_every] = False
+        topk_idx.masked_fill_(~mask, E)  # masked slots may name a non-existent expert
+    d_out = torch.randn(N, C, generator=gen)
+    got = run(kernel, x, topk_idx, topk_weight, experts, d_out, mask)
+    reference_experts = make_experts(E, C, I, torch.float32, torch.Generator())
+    reference_experts.load_state_dict({n: p.float() for n, p in experts.state_dict().items()})
+    want = run(reference, x.float(), topk_idx, topk_weight, reference_experts, d_out, mask)
+    assert got[0].dtype == torch.promote_types(dtype, torch.float32)
+    assert got[1].dtype == dtype and got[3].dtype == dtype
+    assert_close(got, want, dtype)
+    return got, want
+
+
+SHAPES = [
+    # (N, C, I, E, k, routing)
+    (1, 32, 16, 4, 1, "uniform"),  # one token, top-1
+    (7, 32, 16, 4, 2, "uniform"),  # fewer slots than a block
+    (7, 48, 24, 8, 3, "sparse"),  # most experts empty; C, I not multiples of the tiles
+    (33, 64, 48, 8, 2, "uniform"),  # several blocks per expert, I not a multiple of 32
+    (33, 40, 40, 8, 1, "skewed"),  # top-1, one dominant expert (a long segment), empty experts
+    (33, 64, 32, 4, 3, "skewed"),
+]
+
+
+@pytest.mark.parametrize("N,C,I,E,k,kind", SHAPES)
+def test_forward_and_backward_match_dispatch_naive_float32(N, C, I, E, k, kind):
+    compare(N, C, I, E, k, kind, torch.float32)
+
+
+@pytest.mark.parametrize("N,C,I,E,k,kind", [(33, 64, 48, 8, 2, "uniform"), (7, 32, 16, 4, 3, "skewed")])
+def test_float16(N, C, I, E, k, kind):
+    compare(N, C, I, E, k, kind, torch.float16)
+
+
+def test_mask_skips_slots():
+    """Masked slots (zero-computation experts, dropped slots) contribute nothing, get no gradient."""
+    got, _ = compare(33, 32, 16, 4, 3, "uniform", torch.float32, mask_every=4)
+    d_weight = got[2]
+    assert (d_weight.view(-1)[::4] == 0).all()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="bfloat16 tl.dot needs a GPU")
+def test_bfloat16_on_gpu():  # pragma: no cover - needs CUDA (and TRITON_INTERPRET unset)
+    compare(64, 128, 96, 8, 2, "uniform", torch.bfloat16)
+
+
+def test_matches_dispatch_sorted_and_needs_no_grad():
+    gen = torch.Generator().manual_seed(1)
+    experts = make_experts(8, 32, 16, torch.float32, gen)
+    x = torch.randn(20, 32, generator=gen)
+    topk_idx, topk_weight = routing("uniform", 20, 2, 8, gen)
+    with torch.no_grad():
+        out = kernel(x, topk_idx, topk_weight, experts, None)
+        want = dispatch_sorted(x, topk_idx, topk_weight, experts)
+    assert out.dtype == want.dtype and not out.requires_grad
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-6)
+
+
+def test_bad_arguments():
+    gen = torch.Generator().manual_seed(2)
+    experts = make_experts(4, 32, 16, torch.float32, gen)
+    x = torch.randn(5, 32)
+    topk_idx, topk_weight = routing("uniform", 5, 2, 4, gen)
+    g, u, d = experts.gate_proj, experts.up_proj, experts.down_proj
+    with pytest.raises(ValueError, match=r"expert indices .* \[0, 4\)"):
+        fused_moe(x, topk_idx + 1, topk_weight, g, u, d)
+    with pytest.raises(ValueError, match="down_proj"):
+        fused_moe(x, topk_idx, topk_weight, g, u, d.transpose(1, 2))
+    with pytest.raises(ValueError, match="gate_proj"):
+        fused_moe(x, topk_idx, topk_weight, g.half(), u, d)
+    with pytest.raises(ValueError, match="topk_weight"):
+        fused_moe(x, topk_idx, topk_weight[:, :1], g, u, d)
+    with pytest.raises(ValueError, match="mask"):
+        fused_moe(x, topk_idx, topk_weight, g, u, d, mask=torch.ones(5, 2))
+
+
+# ------------------------------------------------------------------------------------------------
+# Through the kernel switch: a Transformer with kernels="triton" runs the fused experts
+# ------------------------------------------------------------------------------------------------
+TINY = dict(num_hidden_layers=2, num_nextn_predict_layers=0, hidden_size=64,
+            moe_intermediate_size=32, n_routed_experts=8, n_group=2, topk_group=1)
+
+
+@pytest.mark.parametrize("extra", [{}, dict(n_zero_experts=2, capacity_factor=1.0)],
+                         ids=["toy", "zero-experts+capacity"])
+def test_model_with_triton_kernels_matches_reference(extra, monkeypatch):
+    used = []
+    original = kernel_switch._kernel
+
+    def spy(x, module_name, function_name):
+        found = original(x, module_name, function_name)
+        if found is not None:
+            used.append(module_name)
+        return found
+
+    monkeypatch.setattr(kernel_switch, "_kernel", spy)
+    results = []
+    for kernels in ("reference", "triton"):
+        torch.manual_seed(0)
+        model = minimoe.Transformer(minimoe.ModelConfig.preset("toy", kernels=kernels, **TINY, **extra))
+        ids = torch.randint(0, model.cfg.vocab_size, (2, 9), generator=torch.Generator().manual_seed(0))
+        out = model(ids, targets=ids)
+        out.loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results.append((out.logits.detach(), grads))
+    assert "fused_moe" in used
+    (logits_ref, grads_ref), (logits, grads) = results
+    torch.testing.assert_close(logits, logits_ref, rtol=1e-5, atol=1e-5)
+    assert grads.keys() == grads_ref.keys()
+    assert any("experts.gate_proj" in name for name in grads)
+    for name in grads:
+        torch.testing.assert_close(grads[name], grads_ref[name], rtol=1e-4, atol=1e-5, msg=name)
