@@ -309,7 +309,8 @@ def _materialise_buffers(model: Transformer, device) -> None:
 
 def load_pretrained(path_or_repo_id: str | os.PathLike, dtype: Optional[torch.dtype] = None,
                     device: str | torch.device = "cpu",
-                    layers: Optional[Iterable[int]] = None) -> Transformer:
+                    layers: Optional[Iterable[int]] = None, offload_experts: bool = False,
+                    expert_cache_size: int = 64) -> Transformer:
     """Build a ``Transformer`` from a Hugging Face checkpoint (see the module docstring).
 
     path_or_repo_id: a local folder (works offline) or a hub repo id ("deepseek-ai/...").
@@ -319,6 +320,9 @@ def load_pretrained(path_or_repo_id: str | os.PathLike, dtype: Optional[torch.dt
     layers: None = the whole model (with its MTP modules when the file has them); an iterable
         of layer indices (e.g. range(4)) = the embedding, those blocks in order, the final norm
         and the head (no MTP). Handy for looking at the first layers of a huge model.
+    offload_experts: keep the routed experts on disk and read them on demand through an LRU
+        cache of ``expert_cache_size`` experts (``minimoe.offload``; inference only, naive
+        dispatch; counters in ``model.expert_store.stats()``).
     Returns the model in eval mode.
     """
     layers = None if layers is None else list(layers)
@@ -346,6 +350,8 @@ def load_pretrained(path_or_repo_id: str | os.PathLike, dtype: Optional[torch.dt
     has_mtp = [any(n.startswith(f"model.layers.{num_layers + k}.") for n in weight_map)
                for k in range(depth)]
     cfg = _build_config(hf, layer_list, has_mtp)
+    if offload_experts:
+        cfg = cfg.replace(dispatch="naive")  # per-expert calls: what the offloaded store serves
 
     if dtype is None:
         named = hf.get("torch_dtype", hf.get("dtype"))
@@ -390,6 +396,13 @@ def load_pretrained(path_or_repo_id: str | os.PathLike, dtype: Optional[torch.dt
             raise KeyError(f"load_pretrained: {scale_name} (in {weight_map[scale_name]}) has no "
                            "matching weight")
 
+    expert_plan: dict[str, tuple[str, int]] = {}  # offloaded: read later, on demand
+    if offload_experts:
+        expert_plan = {n: t for n, t in plan.items() if t[1] is not None}
+        plan = {n: t for n, t in plan.items() if t[1] is None}
+        targets = {n: t for n, t in targets.items()
+                   if not re.search(r"experts\.(gate_proj|up_proj|down_proj)$", n)}
+
     # 3. read the shards one tensor at a time
     by_file: dict[str, list[str]] = {}
     for name in plan:
@@ -431,6 +444,11 @@ def load_pretrained(path_or_repo_id: str | os.PathLike, dtype: Optional[torch.dt
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
     _materialise_buffers(model, device)
+    if offload_experts:
+        from minimoe.offload import attach_offloaded_experts
+
+        attach_offloaded_experts(model, folder, weight_map, expert_plan, expert_cache_size,
+                                 dtype, device, block)
     still_meta = [n for n, t in list(model.named_parameters()) + list(model.named_buffers())
                   if t.is_meta]
     if still_meta:
