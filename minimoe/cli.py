@@ -1,4 +1,4 @@
-"""The `minimoe` command line: `minimoe train`, `minimoe sample`, `minimoe sizing`.
+"""The `minimoe` command line: `minimoe train`, `finetune`, `sample`, `sizing`.
 
 `minimoe train` is the project's main job: it trains the `toy` preset (DeepSeek-V3 in
 miniature) on the bundled synthetic corpus, then shows what the router learned -- which
@@ -121,12 +121,73 @@ def command_sizing(options: argparse.Namespace) -> int:
     return 0
 
 
+def add_finetune_arguments(parser: argparse.ArgumentParser) -> None:
+    from minimoe.lora import DEFAULT_TARGETS, QUANTIZE_KINDS, FinetuneArgs
+
+    defaults = FinetuneArgs()
+    parser.add_argument("model", help="a preset name (random weights), a `minimoe train` "
+                        "checkpoint folder, or a published checkpoint folder / hub id")
+    parser.add_argument("--data", required=True, help="UTF-8 text file, byte-tokenised "
+                        "(ByteTokenizer: right for minimoe's own byte-level models)")
+    parser.add_argument("--lora-rank", type=int, default=defaults.lora_rank)
+    parser.add_argument("--lora-alpha", type=float, default=defaults.lora_alpha)
+    parser.add_argument("--targets", nargs="+", default=list(DEFAULT_TARGETS),
+                        help="attention, shared_experts, dense_mlp and/or Linear names")
+    parser.add_argument("--lora-dropout", type=float, default=defaults.lora_dropout)
+    parser.add_argument("--quantize-base", choices=QUANTIZE_KINDS, default=None)
+    parser.add_argument("--merge", action="store_true", help="also write the merged model to "
+                        "OUT/merged, a checkpoint folder like `minimoe train` writes")
+    parser.add_argument("--set", dest="overrides", action="append", type=parse_override,
+                        default=[], metavar="FIELD=VALUE", help="change a preset's field")
+    parser.add_argument("--out", dest="out_dir", default=defaults.out_dir)
+    for flag, name in (("--steps", "steps"), ("--batch-size", "batch_size"),
+                       ("--seq-len", "seq_len"), ("--grad-accum", "grad_accum"),
+                       ("--warmup-steps", "warmup_steps"), ("--eval-every", "eval_every"),
+                       ("--seed", "seed")):
+        parser.add_argument(flag, type=int, default=getattr(defaults, name))
+    parser.add_argument("--lr", type=float, default=defaults.lr)
+    parser.add_argument("--min-lr", type=float, default=defaults.min_lr)
+    parser.add_argument("--device", default=defaults.device)
+    parser.add_argument("--dtype", default=defaults.dtype, choices=["fp32", "bf16"])
+    parser.add_argument("--grad-checkpointing", action="store_true")
+
+
+def command_finetune(options: argparse.Namespace) -> int:
+    from minimoe.lora import FinetuneArgs, finetune, lora_parameter_count
+
+    args = FinetuneArgs(
+        model=options.model, data=options.data, lora_rank=options.lora_rank,
+        lora_alpha=options.lora_alpha, targets=tuple(options.targets),
+        lora_dropout=options.lora_dropout, quantize_base=options.quantize_base,
+        merge=options.merge, config_overrides=dict(options.overrides), out_dir=options.out_dir,
+        steps=options.steps, batch_size=options.batch_size, seq_len=options.seq_len,
+        grad_accum=options.grad_accum, warmup_steps=options.warmup_steps,
+        eval_every=options.eval_every, seed=options.seed, lr=options.lr, min_lr=options.min_lr,
+        device=options.device, dtype=options.dtype, grad_checkpointing=options.grad_checkpointing,
+    )
+    model, history = finetune(args)
+    first, final = history[0], history[-1]
+    count = lora_parameter_count(model.cfg, args.lora_rank, args.targets)
+    print(f"LoRA rank {args.lora_rank} on {', '.join(args.targets)}: {count['trainable']:,} "
+          f"trainable parameters ({100 * count['fraction']:.3f}% of {count['total']:,})")
+    print(f"fine-tuned {args.model} for {len(history)} steps: train loss "
+          f"{first['ce']:.3f} -> {final['ce']:.3f}"
+          + (f", val {final['val_loss']:.3f}" if "val_loss" in final else ""))
+    print(f"adapters: {args.out_dir}")
+    if args.merge:
+        print(f"merged model: {os.path.join(args.out_dir, 'merged')}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="minimoe", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
     train_parser = commands.add_parser("train", help="train a preset and show its routing")
     add_train_arguments(train_parser)
     train_parser.set_defaults(handler=command_train)
+    finetune_parser = commands.add_parser("finetune", help="LoRA / QLoRA fine-tuning")
+    add_finetune_arguments(finetune_parser)
+    finetune_parser.set_defaults(handler=command_finetune)
     sizing_parser = commands.add_parser("sizing", help="parameter/FLOP/KV-cache table")
     sizing_parser.add_argument("presets", nargs="*")
     sizing_parser.set_defaults(handler=command_sizing)
