@@ -93,7 +93,8 @@ class SpeculativeStats:
     proposed[j]: drafts made at draft position j+1; reached[j]: how many of those were
     checked (all earlier drafts of the step accepted); accepted[j]: how many were accepted.
     accepted_lengths: drafts accepted per verification step (bonus token not counted).
-    main_forwards: main-model passes, prefill included. trace: per step the drafts, the
+    main_forwards: main-model passes, prefill included. stopped_early: steps whose drafting
+    stopped before num_draft_tokens because a draft's confidence was too low. trace: per step the drafts, the
     number accepted and the token the main model emitted after them (for visualisation).
     """
 
@@ -104,6 +105,7 @@ class SpeculativeStats:
     accepted_lengths: list = field(default_factory=list)
     main_forwards: int = 0
     draft_forwards: int = 0
+    stopped_early: int = 0
     new_tokens: int = 0
     trace: list = field(default_factory=list)
 
@@ -140,7 +142,7 @@ class SpeculativeStats:
                 "mean_accepted_length": self.mean_accepted_length,
                 "tokens_per_forward": self.tokens_per_forward,
                 "main_forwards": self.main_forwards, "draft_forwards": self.draft_forwards,
-                "new_tokens": self.new_tokens}
+                "stopped_early": self.stopped_early, "new_tokens": self.new_tokens}
 
 
 def probabilities(logits: torch.Tensor, temperature: float, top_k: Optional[int],
@@ -186,13 +188,15 @@ def speculative_generate(model, input_ids: torch.Tensor, max_new_tokens: int,
                          num_draft_tokens: Optional[int] = None, temperature: float = 0.0,
                          top_k: Optional[int] = None, top_p: Optional[float] = None,
                          generator: Optional[torch.Generator] = None,
-                         eos_token_id: Optional[int] = None):
+                         eos_token_id: Optional[int] = None, min_draft_confidence: float = 0.0):
     """Decode with the model's MTP modules as drafters; returns (ids (1, T + new), stats).
 
     num_draft_tokens: drafts per step (default D = number of MTP modules); more than D
     re-applies the last module. temperature 0 is greedy (identical to ``model.generate``);
     otherwise the output is distributed as the main model's sampling distribution (with the
-    same temperature, top-k and top-p). See the module docstring for the algorithm.
+    same temperature, top-k and top-p). min_draft_confidence: stop drafting a step early
+    once a draft's own probability (under its module's distribution) falls below this
+    value (0 = always draft num_draft_tokens). See the module docstring for the algorithm.
     """
     if input_ids.dim() != 2 or input_ids.shape[0] != 1 or input_ids.shape[1] == 0:
         raise ValueError(f"speculative decoding takes one non-empty sequence (1, T), got "
@@ -205,6 +209,8 @@ def speculative_generate(model, input_ids: torch.Tensor, max_new_tokens: int,
         raise ValueError(f"num_draft_tokens must be >= 0, got {num_drafts}")
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if not 0.0 <= min_draft_confidence <= 1.0:
+        raise ValueError(f"min_draft_confidence must be in [0, 1], got {min_draft_confidence}")
     check_request(model, input_ids, max_new_tokens)
     greedy = temperature == 0
     was_training = model.training
@@ -226,6 +232,14 @@ def speculative_generate(model, input_ids: torch.Tensor, max_new_tokens: int,
             return int(logits.argmax()), None
         probs = probabilities(logits, temperature, top_k, top_p)
         return int(torch.multinomial(probs, 1, generator=generator)), probs
+
+    def confidence(logits: torch.Tensor, token: int, probs: Optional[torch.Tensor]) -> float:
+        """The draft module's own probability of the token it drafted (1.0 when not asked)."""
+        if min_draft_confidence == 0.0:
+            return 1.0
+        if probs is None:  # greedy: the argmax's softmax probability
+            probs = torch.softmax(logits.float(), dim=-1)
+        return float(probs[token])
 
     # prefill: the prompt through the main model gives h^0 and the first token
     out = model(input_ids, cache=main_cache)
@@ -255,9 +269,16 @@ def speculative_generate(model, input_ids: torch.Tensor, max_new_tokens: int,
             h, _ = module(previous, model.embed_tokens(ids), positions, cache=draft_caches[j - 1])
             stats.draft_forwards += 1
             hidden[j] = h if hidden[j] is None else torch.cat([hidden[j][:, :start], h], dim=1)
-            token, probs = pick(module.logits(h[:, -1], model.lm_head)[0])
+            draft_logits = module.logits(h[:, -1], model.lm_head)[0]  # (V,)
+            token, probs = pick(draft_logits)
             drafts.append(token)
             draft_probs.append(probs)
+            if j < m and confidence(draft_logits, token, probs) < min_draft_confidence:
+                # an unlikely draft: its successors would probably be rejected too, so stop
+                # here and save their module calls and their share of the verify pass
+                stats.stopped_early += 1
+                break
+        m = len(drafts)
         # 2. verify: one main pass over [t_{N-1}, d_1..d_m]
         verify_ids = torch.tensor([tokens[-1:] + drafts], device=device)  # (1, m+1)
         out = model(verify_ids, cache=main_cache)

@@ -72,6 +72,32 @@ def test_greedy_equals_generate_trained_model_with_rollback(trained):
     assert total_accepted > 10 and total_rejected > 5
 
 
+def test_confidence_gate_keeps_greedy_output_and_drafts_less(trained):
+    model, val = trained
+    stopped = 0
+    for start, new in [(0, 40), (700, 31), (1300, 29)]:
+        prompt = val.tokens[start:start + 12].long()[None]
+        reference = model.generate(prompt, new)
+        _, full = speculative_generate(model, prompt, new, num_draft_tokens=3)
+        ids, gated = speculative_generate(model, prompt, new, num_draft_tokens=3,
+                                          min_draft_confidence=0.6)
+        assert torch.equal(ids, reference), start
+        assert gated.new_tokens == new
+        # a stopped step makes fewer module calls than the full draft length
+        assert gated.draft_forwards <= full.draft_forwards
+        assert sum(gated.proposed) == sum(len(s["drafts"]) for s in gated.trace)
+        stopped += gated.stopped_early
+    assert stopped > 0  # the gate was exercised
+    # confidence 1.0 stops every step after its first draft
+    prompt = val.tokens[:12].long()[None]
+    ids, one = speculative_generate(model, prompt, 20, num_draft_tokens=3,
+                                    min_draft_confidence=1.0)
+    assert torch.equal(ids, model.generate(prompt, 20))
+    assert one.proposed[1] == 0 and one.proposed[0] > 0
+    with pytest.raises(ValueError, match="min_draft_confidence"):
+        speculative_generate(model, prompt, 4, min_draft_confidence=1.5)
+
+
 def test_statistics_of_a_run(trained):
     model, val = trained
     prompt = val.tokens[100:116].long()[None]
@@ -138,13 +164,14 @@ def small_vocab():
     return model, torch.tensor([prompt]), exact
 
 
-def chi_square(model, prompt, exact, samples, seed=0):
+def chi_square(model, prompt, exact, samples, seed=0, **options):
     """Pearson's statistic of sampled continuations against the exact distribution, with the
     outcomes of expected count < 5 pooled into one bin; returns (statistic, degrees)."""
     generator = torch.Generator().manual_seed(seed)
     counts = {}
     for _ in range(samples):
-        ids, _ = speculative_generate(model, prompt, NEW, temperature=1.0, generator=generator)
+        ids, _ = speculative_generate(model, prompt, NEW, temperature=1.0, generator=generator,
+                                      **options)
         key = tuple(ids[0, prompt.shape[1]:].tolist())
         counts[key] = counts.get(key, 0) + 1
     observed, expected, pooled_o, pooled_e = [], [], 0, 0.0
@@ -173,6 +200,14 @@ def critical(degrees: int) -> float:
 def test_speculative_sampling_matches_main_model_distribution(small_vocab):
     model, prompt, exact = small_vocab
     statistic, degrees = chi_square(model, prompt, exact, SAMPLES)
+    assert statistic < critical(degrees), (statistic, degrees)
+
+
+def test_confidence_gated_sampling_matches_main_model_distribution(small_vocab):
+    # the draft length now depends on the drafts (never on the main model): still exact
+    model, prompt, exact = small_vocab
+    statistic, degrees = chi_square(model, prompt, exact, SAMPLES, seed=1,
+                                    min_draft_confidence=0.5)
     assert statistic < critical(degrees), (statistic, degrees)
 
 
