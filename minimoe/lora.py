@@ -74,7 +74,7 @@ CUDA kernels):
   (tests/test_lora.py rebuilds it). Two 4-bit indices are packed into one uint8 (even
   element in the low nibble, odd element in the high nibble): 0.5 byte per weight +
   4 bytes per 64 weights = 4.5 bits per weight. The maximum error of an element is half the
-  widest gap between neighbouring code values times its block's absmax (0.1519 * absmax,
+  widest gap between neighbouring code values times its block's absmax (0.1385 * absmax,
   at the gap between 0.7230 and 1.0). QLoRA also quantises the absmax constants themselves
   ("double quantisation", 0.127 bits per weight instead of 0.5); minimoe does not.
 
@@ -97,7 +97,7 @@ What the reader should notice
 * At step 0 the adapted model's logits equal the base model's exactly (B = 0).
 * Only A and B receive gradients; the base weights are bit-identical after training.
 * ``lora_parameter_count(cfg)`` computes the trainable fraction from a config alone:
-  rank 8 on attention + shared experts of DeepSeek-V3 is ~0.01% of its parameters.
+  rank 8 on attention + shared experts of DeepSeek-V3 is 0.009% of its parameters.
 """
 
 from __future__ import annotations
