@@ -1,4 +1,4 @@
-"""The `minimoe` command line: `minimoe train`, `finetune`, `sample`, `sizing`.
+"""The `minimoe` command line: `train`, `finetune`, `sample`, `sizing`, `generate`, `chat`, `convert`.
 
 `minimoe train` is the project's main job: it trains the `toy` preset (DeepSeek-V3 in
 miniature) on the bundled synthetic corpus, then shows what the router learned -- which
@@ -191,6 +191,9 @@ def main(argv: list[str] | None = None) -> int:
     sizing_parser = commands.add_parser("sizing", help="parameter/FLOP/KV-cache table")
     sizing_parser.add_argument("presets", nargs="*")
     sizing_parser.set_defaults(handler=command_sizing)
+    from minimoe.cli_checkpoint import add_checkpoint_commands
+
+    add_checkpoint_commands(commands)  # generate, chat, convert (published checkpoints)
     options = parser.parse_args(argv)
     try:
         return options.handler(options)
