@@ -1,4 +1,4 @@
-"""The `minimoe` command line: `train`, `finetune`, `sample`, `sizing`, `generate`, `chat`, `convert`.
+"""The `minimoe` command line: train, finetune, sample, sizing, generate, chat, convert.
 
 `minimoe train` is the project's main job: it trains the `toy` preset (DeepSeek-V3 in
 miniature) on the bundled synthetic corpus, then shows what the router learned -- which
