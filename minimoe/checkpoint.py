@@ -238,18 +238,33 @@ def read_tensor(handle, name: str, file_name: str) -> torch.Tensor:
 
 
 def dequantize_fp8_blocks(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int],
-                          dtype: torch.dtype) -> torch.Tensor:
+                          dtype: torch.dtype, scale_fmt: Optional[str] = None,
+                          name: str = "weight_scale_inv") -> torch.Tensor:
     """W = fp8 * scale_inv per (block[0] x block[1]) block; the last blocks may be partial.
 
-    weight (out, in) float8; scale_inv (ceil(out/b0), ceil(in/b1)) float32 -> (out, in) dtype.
+    weight (out, in) float8; scale_inv (ceil(out/b0), ceil(in/b1)) float32 (or float8_e8m0fnu)
+    -> (out, in) dtype.
+
+    scale_fmt "ue8m0" (DeepSeek-V3.1's quantization_config): every scale is a power of two,
+    2^e, the only values an unsigned 8-bit exponent with no mantissa (UE8M0, the scale format
+    of the MX formats and of Blackwell's block-scaled FP8 GEMMs) can hold. V3.1 stores them as
+    float32 ``weight_scale_inv``, so dequantisation is the same product; the scales are checked
+    to really be powers of two (a multiply by 2^e is exact: W is the fp8 value times 2^e, bit
+    for bit). name: the scale tensor, for error messages.
     """
     out_features, in_features = weight.shape
     b0, b1 = block
     expected = (math.ceil(out_features / b0), math.ceil(in_features / b1))
     if tuple(scale_inv.shape) != expected:
-        raise ValueError(f"weight_scale_inv has shape {tuple(scale_inv.shape)}, expected "
+        raise ValueError(f"{name} has shape {tuple(scale_inv.shape)}, expected "
                          f"{expected} for a ({out_features}, {in_features}) weight in "
                          f"{b0}x{b1} blocks")
+    if scale_fmt == "ue8m0":
+        mantissa, _ = torch.frexp(scale_inv.float())  # x = m * 2^e with m in [0.5, 1)
+        if not bool((mantissa == 0.5).all()):
+            bad = scale_inv.float()[mantissa != 0.5][0].item()
+            raise ValueError(f"{name}: quantization_config.scale_fmt is 'ue8m0' but a scale is "
+                             f"{bad!r}, not a positive power of two")
     scale = scale_inv.float().repeat_interleave(b0, 0)[:out_features]  # (out, ceil(in/b1))
     scale = scale.repeat_interleave(b1, 1)[:, :in_features]  # (out, in)
     return (weight.float() * scale).to(dtype)  # (out, in)
@@ -361,6 +376,10 @@ def load_pretrained(path_or_repo_id: str | os.PathLike, dtype: Optional[torch.dt
     device = torch.device(device)
     quant = hf.get("quantization_config") or {}
     block = tuple(quant.get("weight_block_size", (128, 128)))
+    scale_fmt = quant.get("scale_fmt")  # None (V3: float32 scales) or "ue8m0" (V3.1)
+    if scale_fmt not in (None, "ue8m0"):
+        raise ValueError(f"load_pretrained: quantization_config.scale_fmt {scale_fmt!r} in "
+                         f"{config_path} is not known; expected none or 'ue8m0'")
     interleaved = _rope_is_interleaved(hf)
 
     # 1. the module tree without storage: every tensor will come from the file
@@ -415,7 +434,8 @@ def load_pretrained(path_or_repo_id: str | os.PathLike, dtype: Optional[torch.dt
                 if scale_name in weight_map:
                     with open_shard(folder, weight_map[scale_name], scale_name) as scale_file:
                         scale = read_tensor(scale_file, scale_name, weight_map[scale_name])
-                        tensor = dequantize_fp8_blocks(tensor, scale, block, dtype)
+                        tensor = dequantize_fp8_blocks(tensor, scale, block, dtype, scale_fmt,
+                                                       f"{scale_name} (in {weight_map[scale_name]})")
                 elif tensor.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
                     raise KeyError(f"load_pretrained: {name} (in {file_name}) is {tensor.dtype} "
                                    f"but the checkpoint has no {scale_name}")
