@@ -114,6 +114,7 @@ SHAPES = [
     (33, 64, 48, 8, 2, "uniform"),  # several blocks per expert, I not a multiple of 32
     (33, 40, 40, 8, 1, "skewed"),  # top-1, one dominant expert (a long segment), empty experts
     (33, 64, 32, 4, 3, "skewed"),
+    (20, 144, 80, 4, 2, "uniform"),  # several tiles and inner steps along C and I (tiles of 64)
 ]
 
 
