@@ -55,13 +55,23 @@ wastes up to BLOCK_M - 1 padded rows). Column tiles of 64 (inner steps of 32 for
 operands on a GPU). One fixed configuration per problem: no autotuning yet, because the
 alignment depends on BLOCK_M and the other sizes have not been measured on a GPU. (No kernel
 here uses atomics and every store is idempotent, so autotuning's repeated launches would be
-safe.) In the interpreter the tiles are as large as the tests' shapes allow: it pays per
-program, not per element.
+safe.) The interpreter uses tiles of 64 along C and I too: it pays per program, not per
+element.
 
-Where the time should go on a GPU: the three grouped GEMMs forward and five backward (2 M C I
-flops each, with M the used rows incl. padding), and the weight-gradient kernel's serial walk
-over each expert's rows, which makes one expert with many rows the critical path under
-skewed routing.
+Where the time should go on a GPU: the grouped GEMMs, three forward (gate, up, down) and
+six backward (dh; dx from dg and du; dW_g, dW_u, dW_d), 2 M C I flops each with M the used
+rows including padding, and the weight-gradient kernel's serial walk over each expert's
+rows, which makes one expert with many rows the critical path under skewed routing.
+
+What the reader should notice
+-----------------------------
+* No (M, C) copy of the tokens exists: the "dispatch" is an index in the x load, and the
+  "combine" is one float32 store per slot plus a sum over k.
+* The routing weight is linear, so it can sit in any epilogue; here it sits in the down
+  projection's, and its gradient is d w = <dOut[t], h W_d^T> = sum_i h_i (dOut[t] W_d)_i,
+  a by-product of the dh product that the backward computes anyway.
+* Padding rows carry the sentinel slot: their loads are masked to zero, so they add zero to
+  every product and are never stored to a slot.
 
 Running it without a GPU: set ``TRITON_INTERPRET=1`` before triton is first imported; test
 with float32 or float16 there (the interpreter's bfloat16 ``tl.dot`` is wrong).
