@@ -26,7 +26,10 @@ What the reader should notice
   float32 (CUDA cores in DeepSeek's kernels; here the add below) is what keeps a long-K
   FP8 GEMM accurate. BLOCK_K is therefore *fixed* to the scale block, 128.
 * The weight scale is loaded per output column (``offs_n // 128``), so BLOCK_N need not
-  divide 128; the activation scale per output row.
+  divide 128; the activation scale per output row. The same kernel serves the backward's
+  weight gradient dW = dy^T @ x, whose second operand x^T is tiled 1x128 along the tokens
+  (one scale per row, ``offs_n // 1``): ``fp8_gemm`` tells the two layouts of the second
+  operand's scale apart by its shape, as ``minimoe.fp8.fp8_matmul_reference`` does.
 * Masked loads put 0 in the lanes past M, N or K: a zero contributes nothing to any sum, so
   partial tiles are exact.
 * An FP8 ``tl.dot`` needs a GPU with FP8 tensor cores (compute capability 8.9 or 9.0+: Ada,
@@ -59,7 +62,7 @@ def _fp8_gemm_kernel(
     N,
     K,
     n_k_blocks,
-    SCALE_BLOCK: tl.constexpr,
+    W_SCALE_ROWS: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -69,11 +72,13 @@ def _fp8_gemm_kernel(
     A_ptr:       (M, K) float8_e4m3fn activations, contiguous
     A_scale_ptr: (M, n_k_blocks) float32, one scale per 1x128 tile of A, contiguous
     W_ptr:       (N, K) float8_e4m3fn weight (out_features, in_features), contiguous
-    W_scale_ptr: (ceil(N/128), n_k_blocks) float32 weight_scale_inv, contiguous
+    W_scale_ptr: (ceil(N/W_SCALE_ROWS), n_k_blocks) float32 scales of W, contiguous
     Y_ptr:       (M, N) float32 output, contiguous
     M, N, K:     the problem size (any; edges are masked)
     n_k_blocks:  ceil(K / 128), the row stride of both scale tensors
-    SCALE_BLOCK: constexpr, 128: the weight's block side along N
+    W_SCALE_ROWS: constexpr, rows of W that share one scale per K block: 128 for 128x128
+                 weight blocks (Fprop, Dgrad), 1 for 1x128 tiles (Wgrad, where the "weight"
+                 operand is x^T tiled along the tokens)
     BLOCK_M:     constexpr, rows of A per program (>= 16, tl.dot's minimum)
     BLOCK_N:     constexpr, rows of W (columns of y) per program
     BLOCK_K:     constexpr, must equal the scale block (128): one promotion per K block
@@ -92,7 +97,7 @@ def _fp8_gemm_kernel(
     a_ptrs = A_ptr + offs_m[:, None].to(tl.int64) * K + offs_k[None, :]
     w_ptrs = W_ptr + offs_n[None, :].to(tl.int64) * K + offs_k[:, None]
     a_scale_ptrs = A_scale_ptr + offs_m * n_k_blocks
-    w_scale_ptrs = W_scale_ptr + (offs_n // SCALE_BLOCK) * n_k_blocks
+    w_scale_ptrs = W_scale_ptr + (offs_n // W_SCALE_ROWS) * n_k_blocks
 
     # 2. the float32 accumulator that every K block is promoted into
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -136,7 +141,8 @@ def fp8_gemm(a_q: torch.Tensor, a_scale: torch.Tensor, w_q: torch.Tensor,
 
     a_q (..., K) float8_e4m3fn with a_scale (..., ceil(K/128)) float32 (1x128 tiles, as from
     ``act_quant``); w_q (N, K) float8_e4m3fn with w_scale_inv (ceil(N/128), ceil(K/128))
-    float32 (128x128 blocks, a checkpoint's ``weight_scale_inv``). All contiguous, on one
+    float32 (128x128 blocks, a checkpoint's ``weight_scale_inv``) or (N, ceil(K/128)) (1x128
+    tiles of each row, as for Wgrad's second operand x^T). All contiguous, on one
     CUDA device with FP8 tensor cores (or the CPU under TRITON_INTERPRET=1). Returns
     (..., N) float32: ``minimoe.fp8.fp8_matmul_reference`` up to float32 summation order.
     """
@@ -156,9 +162,14 @@ def fp8_gemm(a_q: torch.Tensor, a_scale: torch.Tensor, w_q: torch.Tensor,
     if tuple(a_scale.shape) != (*lead, n_k_blocks):
         raise ValueError(f"a_scale must have shape {(*lead, n_k_blocks)} (1x128 tiles of a_q), "
                          f"got {tuple(a_scale.shape)}")
-    if tuple(w_scale_inv.shape) != (triton.cdiv(N, BLOCK), n_k_blocks):
+    if tuple(w_scale_inv.shape) == (triton.cdiv(N, BLOCK), n_k_blocks):
+        w_scale_rows = BLOCK  # 128x128 blocks (for N == 1 both readings are the same)
+    elif tuple(w_scale_inv.shape) == (N, n_k_blocks):
+        w_scale_rows = 1  # 1x128 tiles, one scale per row of w_q
+    else:
         raise ValueError(f"w_scale_inv must have shape {(triton.cdiv(N, BLOCK), n_k_blocks)} "
-                         f"(128x128 blocks of w_q), got {tuple(w_scale_inv.shape)}")
+                         f"(128x128 blocks of w_q) or {(N, n_k_blocks)} (1x128 tiles), got "
+                         f"{tuple(w_scale_inv.shape)}")
     devices = {t.device for t in (a_q, a_scale, w_q, w_scale_inv)}
     if len(devices) != 1:
         raise ValueError(f"all four tensors must be on one device, got {sorted(map(str, devices))}")
@@ -170,6 +181,6 @@ def fp8_gemm(a_q: torch.Tensor, a_scale: torch.Tensor, w_q: torch.Tensor,
         grid = (triton.cdiv(M, block_m), triton.cdiv(N, block_n))
         _fp8_gemm_kernel[grid](
             a_q, a_scale, w_q, w_scale_inv, y, M, N, K, n_k_blocks,
-            SCALE_BLOCK=BLOCK, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=BLOCK,
+            W_SCALE_ROWS=w_scale_rows, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=BLOCK,
         )
     return y.view(*lead, N)

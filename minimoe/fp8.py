@@ -368,7 +368,7 @@ def quantize_stacked_weights_128x128(w: torch.Tensor, scale_fmt: str = "fp32",
     w (E, N, K) -> q (E, N, K) float8, scale_inv (E, ceil(N/128), ceil(K/128)) float32;
     q[e], scale_inv[e] == quantize_weight_128x128(w[e]). No block spans two experts.
     """
-    _check_input(w, "w", min_dim=3)
+    _check_input(w, "w")
     if w.dim() != 3:
         raise ValueError(f"w must be (num_experts, out_features, in_features), got shape "
                          f"{tuple(w.shape)}")
@@ -600,9 +600,15 @@ class Fp8Linear(nn.Module):
     @classmethod
     def from_linear(cls, linear: nn.Linear, scale_fmt: str = "fp32",
                     grad_fmt: str = "e4m3") -> "Fp8Linear":
-        """An Fp8Linear holding a float32 copy of linear's weight (and bias) on its device."""
-        layer = cls(linear.in_features, linear.out_features, scale_fmt,
-                    bias=linear.bias is not None, grad_fmt=grad_fmt, device=linear.weight.device)
+        """An Fp8Linear holding a float32 copy of linear's weight (and bias) on its device.
+
+        Leaves the global random state untouched (the throwaway initialisation runs in a
+        forked RNG), so converting a model does not shift the random numbers drawn after it.
+        """
+        with torch.random.fork_rng(devices=[]):
+            layer = cls(linear.in_features, linear.out_features, scale_fmt,
+                        bias=linear.bias is not None, grad_fmt=grad_fmt,
+                        device=linear.weight.device)
         with torch.no_grad():
             layer.weight.copy_(linear.weight.float())
             if linear.bias is not None:

@@ -293,3 +293,73 @@ def test_experiment_runs_small(tmp_path):
     assert series[1]["relative"]["mean"] > series[0]["relative"]["mean"]
     assert (tmp_path / "fp8_accumulation.png").exists()
     assert (tmp_path / "fp8_scaling_error.png").exists()
+
+
+# ----------------------------------------------------------------------------- e5m2
+E5M2 = torch.float8_e5m2
+
+
+def test_e5m2_format_facts():
+    """Every e5m2 bit pattern: IEEE-style (inf and NaNs), 4 values per binade, 57344 on top."""
+    values = torch.arange(256, dtype=torch.uint8).view(E5M2).float()
+    assert int(torch.isinf(values).sum()) == 2 and int(torch.isnan(values).sum()) == 6
+    finite = values[torch.isfinite(values)]
+    assert finite.max() == 57344.0 == fp8.E5M2_MAX == fp8.FORMAT_MAX["e5m2"] == 1.75 * 2 ** 15
+    assert finite[finite > 0].min() == 2 ** -16
+    assert torch.equal(finite[(finite >= 1) & (finite < 2)].sort().values, 1 + torch.arange(4) / 4)
+    top = finite[finite >= 32768].sort().values
+    assert top.tolist() == [32768.0, 40960.0, 49152.0, 57344.0]  # spacing 8192 near the top
+    # binades from the smallest subnormal to the top: e5m2 ~31.8, e4m3 ~17.8
+    assert 31 < math.log2(57344 / 2 ** -16) < 32 and 17 < math.log2(448 / 2 ** -9) < 18
+
+
+@pytest.mark.parametrize("scale_fmt", ["fp32", "ue8m0"])
+def test_e5m2_quantisers(scale_fmt):
+    x = torch.randn(6, 300) * torch.logspace(-2, 2, 300)
+    q, scale = quantize_act_1x128(x, scale_fmt, fmt="e5m2")
+    assert q.dtype == E5M2 and q.shape == x.shape and scale.shape == (6, 3)
+    amax = torch.nn.functional.pad(x, (0, 84)).view(6, 3, 128).abs().amax(-1)
+    if scale_fmt == "fp32":
+        torch.testing.assert_close(scale, amax / 57344, rtol=1e-6, atol=0)
+    else:
+        assert bool((scale >= amax / 57344).all() and (scale < 2 * amax / 57344).all())
+    # half an ulp of 2 mantissa bits (normal range; subnormal spacing 2^-16 of the scale)
+    full = scale.repeat_interleave(128, -1)[:, :300]
+    y = (x / full).abs()
+    bound = 0.5 * torch.exp2(torch.floor(torch.log2(y.clamp_min(2 ** -14))) - 2) * full * (1 + 1e-6)
+    assert bool(((dequantize_act_1x128(q, scale) - x).abs() <= bound).all())
+    wq, ws = quantize_weight_128x128(x, scale_fmt, fmt="e5m2")
+    assert wq.dtype == E5M2 and ws.shape == (1, 3)
+    pq, ps = quantize_per_tensor(x, scale_fmt, fmt="e5m2")
+    assert pq.dtype == E5M2 and float(pq.float().abs().max()) <= 57344
+    with pytest.raises(ValueError, match="fmt must be one of"):
+        quantize_act_1x128(x, fmt="e3m4")
+
+
+def test_e5m2_error_is_twice_e4m3():
+    """One mantissa bit fewer: RMS rounding error twice as large (uniform in-binade model)."""
+    x = torch.randn(512, 1024, generator=torch.Generator().manual_seed(0))
+
+    def rms_rel(fmt):
+        q, s = quantize_act_1x128(x, fmt=fmt)
+        return ((dequantize_act_1x128(q, s) - x).norm() / x.norm()).item()
+
+    e4, e5 = rms_rel("e4m3"), rms_rel("e5m2")
+    assert 0.015 < e4 < 0.035 and 1.7 < e5 / e4 < 2.3
+
+
+def test_fp8_linear_e5m2_gradients_use_e5m2():
+    """grad_fmt='e5m2': Dgrad = dequant(e5m2 tiles of dy) @ dequant(W) (an independent rebuild)."""
+    torch.manual_seed(0)
+    layer = Fp8Linear(200, 150, grad_fmt="e5m2")
+    x = torch.randn(40, 200, requires_grad=True)
+    grad = torch.randn(40, 150)
+    layer(x).backward(grad)
+    g_q, g_s = quantize_act_1x128(grad, fmt="e5m2")
+    w_q, w_s = quantize_weight_128x128(layer.weight.detach())
+    expected = dequantize_act_1x128(g_q, g_s) @ dequantize_weight_128x128(w_q, w_s)
+    torch.testing.assert_close(x.grad, expected, rtol=1e-5, atol=1e-6)
+    ref = grad @ layer.weight.detach()
+    assert ((x.grad - ref).norm() / ref.norm()).item() < 0.1
+    with pytest.raises(ValueError, match="grad_fmt"):
+        Fp8Linear(8, 8, grad_fmt="fp16")
