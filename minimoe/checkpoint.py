@@ -193,12 +193,25 @@ def resolve_checkpoint_folder(path_or_repo_id: str | os.PathLike,
     return download_checkpoint(path, layers=layers)
 
 
+def _read_json(path: str) -> dict:
+    """A json object from path; a malformed file is an error naming it."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            value = json.load(handle)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path} is not valid JSON: {error}") from error
+    if not isinstance(value, dict):
+        raise ValueError(f"{path} holds a JSON {type(value).__name__}, expected an object")
+    return value
+
+
 def checkpoint_weight_map(folder: str) -> dict[str, str]:
     """{tensor name: shard file name} from the index json, or from the single file."""
     index = os.path.join(folder, "model.safetensors.index.json")
     if os.path.exists(index):
-        with open(index) as handle:
-            weight_map = json.load(handle)["weight_map"]
+        weight_map = _read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise ValueError(f"{index} has no 'weight_map' object {{tensor name: shard file}}")
         return dict(weight_map)  # shards are checked when opened (a layer subset needs some)
     single = os.path.join(folder, "model.safetensors")
     if not os.path.exists(single):
@@ -345,8 +358,7 @@ def load_pretrained(path_or_repo_id: str | os.PathLike, dtype: Optional[torch.dt
     config_path = os.path.join(folder, "config.json")
     if not os.path.exists(config_path):
         raise FileNotFoundError(f"load_pretrained: no config.json in {folder}")
-    with open(config_path) as handle:
-        hf = json.load(handle)
+    hf = _read_json(config_path)
     model_type = hf.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise NotImplementedError(f"load_pretrained: model_type {model_type!r} in {config_path} "
@@ -354,7 +366,11 @@ def load_pretrained(path_or_repo_id: str | os.PathLike, dtype: Optional[torch.dt
     weight_map = checkpoint_weight_map(folder)
 
     # LongCat-Flash's config.json names its layer count num_layers (two sublayers each)
-    num_layers = ModelConfig.from_hf(hf).num_hidden_layers
+    try:
+        num_layers = ModelConfig.from_hf(hf).num_hidden_layers
+    except KeyError as error:
+        raise KeyError(f"load_pretrained: {config_path} lacks the field {error} that "
+                       f"{model_type} configs need") from error
     layer_list = None
     if layers is not None:
         layer_list = sorted(set(int(i) for i in layers))
@@ -408,8 +424,13 @@ def load_pretrained(path_or_repo_id: str | os.PathLike, dtype: Optional[torch.dt
         plan[name] = target
     if unexpected:
         listing = ", ".join(f"{n} (in {weight_map[n]})" for n in sorted(unexpected)[:10])
+        beyond = sorted({int(m.group(1)) for m in map(_LAYER.match, unexpected) if m
+                         and int(m.group(1)) >= num_layers})
+        hint = (f" (config.json says num_hidden_layers={num_layers} and "
+                f"num_nextn_predict_layers={cfg.num_nextn_predict_layers}, but the checkpoint "
+                f"has layers {beyond[:5]})" if beyond else "")
         raise KeyError(f"load_pretrained: {len(unexpected)} checkpoint tensor(s) have no place in "
-                       f"the minimoe model: {listing}")
+                       f"the minimoe model: {listing}{hint}")
     for scale_name in scales:
         if scale_name[: -len("_scale_inv")] not in weight_map:
             raise KeyError(f"load_pretrained: {scale_name} (in {weight_map[scale_name]}) has no "
