@@ -69,6 +69,13 @@ What the reader should notice
   Measured on a CPU at batch 1 (``python -m minimoe.bench.speculative``): one module call
   costs about 0.3-0.37 of a one-token main pass, so two drafts cost ~0.6-0.7 of a plain
   step before any token is accepted.
+* Drafting deeper is a gamble: a draft at depth j is only worth its module call and its
+  share of the verify pass if drafts 1..j are all accepted. ``min_draft_confidence``
+  stops a step's drafting after the first draft whose own probability (under its module)
+  is below the threshold -- the dynamic draft length of EAGLE-2 (Li et al. 2024) in its
+  simplest form. It keeps the output exact, greedy or sampled, because the decision
+  depends only on the drafts, never on the main model. Whether it pays depends on how
+  well the modules' confidence predicts acceptance (the benchmark prints both rows).
 * Verifying is not free for an MoE: k+1 tokens are routed independently, so the verify
   pass touches up to (k+1) * top_k routed experts where a one-token step touches top_k
   (on the toy it costs ~1.2x a one-token pass). The larger the verified block, the more
