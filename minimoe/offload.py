@@ -75,7 +75,9 @@ class ExpertStore:
         self.cache: OrderedDict = OrderedDict()  # (module, expert) -> (gate, up, down)
         self.handles: dict[str, object] = {}  # shard file -> open safe_open handle
         self.hits = self.misses = self.evictions = self.bytes_loaded = 0
-        self.trace: list[tuple[str, int]] = []  # every request, in order (for inspection)
+        # set to [] to record every request (module, expert) in order; None = no record (a
+        # long generation with a large model would otherwise grow it without bound)
+        self.trace: Optional[list[tuple[str, int]]] = None
 
     def _handle(self, file_name: str, tensor_name: str):
         from minimoe.checkpoint import open_shard
@@ -104,7 +106,8 @@ class ExpertStore:
     def get(self, module: str, expert: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Expert ``expert`` of MoE module ``module``: (gate (I, C), up (I, C), down (C, I))."""
         key = (module, expert)
-        self.trace.append(key)
+        if self.trace is not None:
+            self.trace.append(key)
         if key in self.cache:
             self.hits += 1
             self.cache.move_to_end(key)  # now the most recently used
@@ -127,7 +130,8 @@ class ExpertStore:
 
     def reset_stats(self) -> None:
         self.hits = self.misses = self.evictions = self.bytes_loaded = 0
-        self.trace.clear()
+        if self.trace is not None:
+            self.trace.clear()
 
     def close(self) -> None:
         self.handles.clear()

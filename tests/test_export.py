@@ -168,5 +168,16 @@ def test_convert_fp8_to_bf16(tmp_path):
     for name, tensor in bf16_model.state_dict().items():
         torch.testing.assert_close(tensor, fp8_state[name], rtol=0, atol=0, msg=name)
 
+    # offloaded experts are dequantised on demand from the FP8 shards: the same logits
+    offloaded = minimoe.load_pretrained(source, dtype=torch.bfloat16, offload_experts=True,
+                                        expert_cache_size=4)
+    for module in bf16_model.modules():  # the per-expert dispatch on both sides (bfloat16
+        if hasattr(module, "experts"):    # rounds grouped and per-expert sums differently)
+            module.cfg = module.cfg.replace(dispatch="naive")
+    ids = torch.randint(0, 136, (1, 12), generator=torch.Generator().manual_seed(12))
+    with torch.no_grad():
+        torch.testing.assert_close(offloaded(ids).logits, bf16_model(ids).logits, rtol=0, atol=0)
+    assert offloaded.expert_store.stats()["misses"] > 0
+
     with pytest.raises(ValueError, match="no \\*.weight_scale_inv"):
         convert_fp8_to_bf16(out, tmp_path / "again")

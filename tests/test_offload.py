@@ -94,6 +94,7 @@ def test_hits_and_misses_follow_the_routing(checkpoint, capacity):
     generator = torch.Generator().manual_seed(3)
     batches = [torch.randint(0, 64, (1, n), generator=generator) for n in (3, 1, 6, 2)]
     requests = _routing_trace(normal, batches)
+    offloaded.expert_store.trace = []  # record the requests too
     with torch.no_grad():
         for ids in batches:
             offloaded(ids)
