@@ -523,7 +523,7 @@ class FusedMoEFunction(torch.autograd.Function):
     """autograd glue: alignment + 2 kernels forward, alignment reused + 5 kernels backward."""
 
     @staticmethod
-    def forward(ctx, x, topk_idx, topk_weight, gate_proj, up_proj, down_proj, mask):
+    def forward(ctx, x, topk_idx, topk_weight, gate_proj, up_proj, down_proj, mask, grad_needed):
         N, C = x.shape
         k = topk_idx.shape[1]
         E, I, _ = gate_proj.shape
@@ -542,7 +542,7 @@ class FusedMoEFunction(torch.autograd.Function):
         weight = topk_weight.reshape(-1).contiguous()  # (M,)
 
         # 2. gate/up + SwiGLU over the aligned rows: read x rows (gathered) and W_g, W_u tiles
-        save = any(ctx.needs_input_grad[i] for i in (0, 2, 3, 4, 5))
+        save = grad_needed  # keep g and u only if a backward can follow
         cfg = _config(x.dtype)
         precision = _dot_precision(x.dtype)
         hidden = torch.empty((P, I), dtype=x.dtype, device=device)  # (P, I)
@@ -628,7 +628,7 @@ class FusedMoEFunction(torch.autograd.Function):
         if need_down:  # dW_d[e] = (w dOut[t])_e^T h_e   (E, C, I)
             d_down_proj = _weight_grad(d_out, hidden, weight, (E, C, I), down_proj.dtype,
                                        a_by_token=True, b_by_token=False, scale_a=True, **common)
-        return dx, None, d_weight, d_gate_proj, d_up_proj, d_down_proj, None
+        return dx, None, d_weight, d_gate_proj, d_up_proj, d_down_proj, None, None
 
 
 def fused_moe(
@@ -685,5 +685,7 @@ def fused_moe(
             if low < 0 or high >= E:
                 raise ValueError(f"expert indices of computed slots must lie in [0, {E}); got "
                                  f"[{low}, {high}] (exclude other slots with `mask`)")
+    grad_needed = torch.is_grad_enabled() and any(
+        t.requires_grad for t in (x, topk_weight, gate_proj, up_proj, down_proj))
     return FusedMoEFunction.apply(x.contiguous(), topk_idx, topk_weight, gate_proj.contiguous(),
-                                  up_proj.contiguous(), down_proj.contiguous(), mask)
+                                  up_proj.contiguous(), down_proj.contiguous(), mask, grad_needed)
