@@ -324,7 +324,8 @@ class LoRALinear(nn.Module):
         self.scaling = alpha / rank
         device = base.weight.device
         self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, device=device))  # (r, d_in)
-        self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, device=device))  # (d_out, r)
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank,
+                                               device=device))  # (d_out, r)
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # nn.Linear's rule: U(+-1/sqrt(d_in))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 

@@ -82,7 +82,8 @@ def test_nf4_is_nearest_code_value_times_block_absmax(shape):
     packed, absmax = lora.quantize_nf4(weight)
     n = weight.numel()
     blocks = math.ceil(n / 64)
-    assert packed.dtype == torch.uint8 and packed.numel() == blocks * 32 and absmax.numel() == blocks
+    assert packed.dtype == torch.uint8 and packed.numel() == blocks * 32
+    assert absmax.numel() == blocks
     restored = lora.dequantize_nf4(packed, absmax, shape)
     # brute force: each element's block absmax, then the closest of the 16 code values
     flat = torch.nn.functional.pad(weight.reshape(-1), (0, blocks * 64 - n)).view(blocks, 64)
@@ -281,7 +282,8 @@ LONGCAT_TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                     vocab_size=256, num_nextn_predict_layers=1)
 
 
-DENSE_TINY = {k: v for k, v in TINY.items() if k not in ("n_routed_experts", "n_group", "topk_group")}
+DENSE_TINY = {k: v for k, v in TINY.items()
+              if k not in ("n_routed_experts", "n_group", "topk_group")}
 
 
 @pytest.mark.parametrize("preset, changes", [("toy", TINY), ("toy-gqa", TINY),
