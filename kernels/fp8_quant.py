@@ -34,8 +34,10 @@ What the reader should notice
   shows what the cast does, and it makes Triton's interpreter agree with torch: the
   interpreter's own float32 -> e4m3 cast loses the carry when rounding crosses a power of
   two (31.8 becomes 16 instead of 32) and truncates subnormals.
-* The kernels do not check for NaN/inf (the reference raises): that would cost another pass
-  over the tensor and a host sync. A NaN in a tile makes that tile's scale NaN.
+* The kernels do not raise on NaN/inf (the reference does): that would cost a host sync.
+  Instead a NaN or inf in a tile makes that tile's scale NaN (checked in registers, on the
+  tile already loaded), so the GEMM rows that read it come out NaN and a diverged training
+  step still shows; the tile's FP8 values are then meaningless.
 
 Running it without a GPU: set ``TRITON_INTERPRET=1`` before triton is first imported; the
 kernels then run on CPU tensors through Triton's interpreter (slow, for tests and reading).
@@ -131,6 +133,11 @@ def _act_quant_kernel(
     scale = amax / fp8_max
     if UE8M0:
         scale = _round_scale_up_to_power_of_two(scale)
+    # a NaN or inf in the tile makes its scale NaN (max() skips a NaN, and an inf would give
+    # an infinite scale and zeros), so every product that reads the tile is NaN: in registers,
+    # no extra pass over memory
+    n_non_finite = tl.sum(tl.where(tl.abs(x) <= 3.4028234663852886e38, 0, 1), axis=0)
+    scale = tl.where(n_non_finite > 0, float("nan"), scale)
 
     # 4. divide, clamp to the format's range, round to e4m3 and store
     y = _round_to_e4m3_grid(tl.clamp(x / scale, -fp8_max, fp8_max))

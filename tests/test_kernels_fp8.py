@@ -224,3 +224,141 @@ def test_fp8_gemm_checks_its_input():
         fp8_gemm(a_q, a_scale, w_q, a_scale)
     with pytest.raises(ValueError, match="contiguous"):
         fp8_gemm(a_q, a_scale, w_q.t().contiguous().t(), w_scale)
+
+
+# ----------------------------------------------------------------------------- wired into minimoe.fp8
+@pytest.mark.parametrize("shape", [(100, 130, 70), (8, 256, 1), (33, 20, 150)], ids=str)
+def test_fp8_gemm_with_row_tiled_second_operand(shape):
+    """Wgrad's product dy^T @ x: both operands in 1x128 tiles along the tokens (per-row scales)."""
+    N, M, K = shape  # dW (N, K) = dy^T (N, M) @ x (M, K): the reduction runs over M tokens
+    dy_t = torch.randn(N, M) * torch.logspace(-1, 1, M)
+    x_t = torch.randn(K, M) * torch.logspace(1, -1, K)[:, None]  # rows of different magnitude
+    gt_q, gt_s = fp8.quantize_act_1x128(dy_t)
+    xt_q, xt_s = fp8.quantize_act_1x128(x_t)
+    y = fp8_gemm(gt_q, gt_s, xt_q, xt_s)
+    y_ref = fp8.fp8_matmul_reference(gt_q, gt_s, xt_q, xt_s)
+    magnitude = (fp8.dequantize_act_1x128(gt_q, gt_s).abs()
+                 @ fp8.dequantize_act_1x128(xt_q, xt_s).abs().T)  # (N, K)
+    assert y.shape == (N, K)
+    assert bool(((y - y_ref).abs() <= 1e-5 * magnitude + 1e-30).all())
+
+
+class CallCounter:
+    """Wrap a kernel entry point and count its calls (the switch looks it up at call time)."""
+
+    def __init__(self, function):
+        self.function, self.calls = function, 0
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        return self.function(*args, **kwargs)
+
+
+@pytest.fixture
+def counted_kernels(monkeypatch):
+    from minimoe.kernels import fp8_gemm as gemm_module
+    from minimoe.kernels import fp8_quant as quant_module
+
+    quant = CallCounter(quant_module.act_quant)
+    gemm = CallCounter(gemm_module.fp8_gemm)
+    monkeypatch.setattr(quant_module, "act_quant", quant)
+    monkeypatch.setattr(gemm_module, "fp8_gemm", gemm)
+    return quant, gemm
+
+
+def _linear_run(layer, x, grad, kernels):
+    layer.zero_grad()
+    x = x.clone().requires_grad_(True)
+    with kernel_switch.use_kernels(kernels):
+        y = layer(x)
+    y.backward(grad)  # outside the choice: the backward must remember it
+    return y.detach(), x.grad, layer.weight.grad.clone()
+
+
+# (in, out): two K tiles, the second partial; one partial tile. Small: in the interpreter
+# every 1x128 tile is one program, and Wgrad quantises x^T, in_features rows of them.
+@pytest.mark.parametrize("scale_fmt,features", [("fp32", (130, 24)), ("ue8m0", (60, 24))])
+def test_fp8_linear_kernel_path_matches_reference(scale_fmt, features, counted_kernels):
+    torch.manual_seed(0)
+    layer = fp8.Fp8Linear(*features, scale_fmt)
+    x = torch.randn(2, 3, features[0])
+    grad = torch.randn(2, 3, features[1])
+    reference = _linear_run(layer, x, grad, "reference")
+    assert counted_kernels[0].calls == counted_kernels[1].calls == 0
+    triton_run = _linear_run(layer, x, grad, "triton")
+    # Fprop: 1 act_quant + 1 GEMM; Dgrad: 1 + 1; Wgrad: 2 + 1
+    assert counted_kernels[0].calls == 4 and counted_kernels[1].calls == 3
+    for got, want in zip(triton_run, reference):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+
+
+def test_fp8_linear_e5m2_gradients_take_the_reference_path(counted_kernels):
+    torch.manual_seed(0)
+    layer = fp8.Fp8Linear(130, 16, grad_fmt="e5m2")
+    x, grad = torch.randn(6, 130), torch.randn(6, 16)
+    reference = _linear_run(layer, x, grad, "reference")
+    triton_run = _linear_run(layer, x, grad, "triton")
+    assert counted_kernels[1].calls == 1  # Fprop only: e5m2 operands have no kernel here
+    for got, want in zip(triton_run, reference):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+
+
+def test_fp8_grouped_product_kernel_path_matches_reference(counted_kernels):
+    torch.manual_seed(0)
+    sizes = [5, 0, 12, 3]
+    rows = torch.randn(sum(sizes), 40)
+    weight = torch.randn(4, 16, 40) * 0.05
+    grad = torch.randn(sum(sizes), 16)
+    results = []
+    for kernels in ("reference", "triton"):
+        r, w = rows.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+        with kernel_switch.use_kernels(kernels):
+            y = fp8.fp8_grouped_linear(r, sizes, w)
+        y.backward(grad)
+        results.append((y.detach(), r.grad, w.grad))
+    assert counted_kernels[1].calls == 4 + 4 + 3  # Fprop and Dgrad per expert, Wgrad per non-empty
+    for got, want in zip(*results[::-1]):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+
+
+def test_fp8_linear_kernel_path_non_finite_input_gives_nan():
+    """The kernels do not check (no extra pass, no host sync): a NaN or inf in a row makes
+    that row's output NaN -- a diverged step still shows -- and leaves the other rows alone.
+    The reference path raises instead."""
+    layer = fp8.Fp8Linear(130, 20)
+    x = torch.randn(4, 130)
+    layer.requires_grad_(False)
+    for bad in (float("nan"), float("inf")):
+        x_bad = x.clone()
+        x_bad[1, 5] = bad
+        with kernel_switch.use_kernels("triton"):
+            y = layer(x_bad)
+        assert bool(torch.isnan(y[1]).all())
+        torch.testing.assert_close(y[[0, 2, 3]], layer(x[[0, 2, 3]]), rtol=1e-5, atol=1e-5)
+        with pytest.raises(ValueError, match="NaN or inf"):
+            layer(x_bad)
+
+
+def test_fp8_toy_layer_under_triton_switch(counted_kernels):
+    """A converted MoE model: the choice the model sets reaches its FP8 GEMMs (forward only;
+    the backward's use of the choice is tested on Fp8Linear above, at a lower interpreter cost)."""
+    from minimoe.config import ModelConfig
+    from minimoe.model import Transformer
+
+    torch.manual_seed(0)
+    cfg = ModelConfig.preset("toy", num_hidden_layers=1, first_k_dense_replace=0,
+                             num_nextn_predict_layers=0, hidden_size=32, num_attention_heads=2,
+                             q_lora_rank=None, kv_lora_rank=16, qk_nope_head_dim=8,
+                             qk_rope_head_dim=8, v_head_dim=8, n_routed_experts=4, n_group=1,
+                             topk_group=1, moe_intermediate_size=16)
+    model = Transformer(cfg).eval()
+    fp8.convert_to_fp8(model)
+    ids = torch.randint(0, 256, (1, 4))
+    logits = []
+    for kernels in ("reference", "triton"):
+        model.kernels = model.layers[0].kernels = kernels
+        with torch.no_grad():
+            logits.append(model(ids).logits)
+    # q, kv_a, kv_b, o + shared gate, up, down + 4 experts x 3 (the empty ones too)
+    assert counted_kernels[1].calls == 4 + 3 + 4 * 3
+    torch.testing.assert_close(logits[1], logits[0], rtol=1e-4, atol=1e-5)
