@@ -341,6 +341,13 @@ def test_cli_finetune_end_to_end(tmp_path, capsys):
     ids = batch()[:, :-1]
     torch.testing.assert_close(merged(ids).logits, base(ids).logits, atol=1e-5, rtol=1e-5)
 
+    # the merged folder is a `minimoe train` checkpoint: it can be fine-tuned again
+    again = tmp_path / "again"
+    assert cli.main(["finetune", str(out / "merged"), "--data", str(text), "--steps", "1",
+                     "--batch-size", "2", "--seq-len", "16", "--eval-every", "0",
+                     "--targets", "o_proj", "--out", str(again)]) == 0
+    assert json.loads((again / "adapter_config.json").read_text())["targets"] == ["o_proj"]
+
     assert cli.main(["finetune", "toy", "--data", str(tmp_path / "missing.txt"),
                      "--out", str(out)]) == 2
     assert "missing.txt" in capsys.readouterr().err
