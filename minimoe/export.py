@@ -284,6 +284,10 @@ def save_pretrained(model, path: str | os.PathLike, family: str = "deepseek_v3",
     """
     folder = os.fspath(path)
     cfg = model.cfg
+    if getattr(model, "expert_store", None) is not None:
+        raise ValueError("save_pretrained: this model's routed experts are offloaded (they stay "
+                         "in the checkpoint it was loaded from); load it without "
+                         "offload_experts to save it")
     config = family_config(cfg, family)
     dtype = next(model.parameters()).dtype
     config["dtype"] = str(dtype).removeprefix("torch.")

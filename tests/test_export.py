@@ -16,7 +16,7 @@ from minimoe.config import ModelConfig
 from minimoe.export import convert_fp8_to_bf16, family_config, parse_size, save_pretrained
 
 transformers = pytest.importorskip("transformers")
-from test_checkpoint import V3_BASE, _quantise_blocks, _read_all, _save_hf  # noqa: E402
+from test_checkpoint import V2_BASE, V3_BASE, _quantise_blocks, _read_all, _save_hf  # noqa: E402
 from test_checkpoint_families import BASE, FAMILIES  # noqa: E402
 
 SEQ = 20
@@ -27,6 +27,8 @@ def _minimoe_model(family, seed, **changes):
     """A random minimoe model whose config comes from the family's transformers config."""
     if family == "deepseek_v3":
         hf_config = transformers.DeepseekV3Config(**V3_BASE)
+    elif family == "deepseek_v2":
+        hf_config = transformers.DeepseekV2Config(**V2_BASE)
     else:
         config_class, _, cases = FAMILIES[family]
         hf_config = getattr(transformers, config_class)(**{**BASE, **next(iter(cases.values()))})
@@ -41,7 +43,7 @@ def _hf_logits(folder, ids):
         return hf_model.eval()(ids).logits
 
 
-@pytest.mark.parametrize("family", ["deepseek_v3", "qwen3_moe", "mixtral"])
+@pytest.mark.parametrize("family", ["deepseek_v3", "deepseek_v2", "qwen3_moe", "mixtral"])
 def test_transformers_loads_the_export_with_the_same_logits(family, tmp_path):
     model = _minimoe_model(family, seed=3, num_nextn_predict_layers=0)
     save_pretrained(model, tmp_path, family=family, max_shard_size="40KB")
@@ -119,6 +121,14 @@ def test_family_config_refuses_what_the_family_cannot_say():
     assert parse_size("40KB") == 40_000 and parse_size("1MiB") == 2**20 and parse_size(7) == 7
     with pytest.raises(ValueError, match="max_shard_size"):
         parse_size("lots")
+
+
+def test_an_offloaded_model_cannot_be_saved(tmp_path):
+    model = _minimoe_model("deepseek_v3", seed=8, num_nextn_predict_layers=0)
+    save_pretrained(model, tmp_path / "a")
+    offloaded = minimoe.load_pretrained(tmp_path / "a", offload_experts=True)
+    with pytest.raises(ValueError, match="offloaded"):
+        save_pretrained(offloaded, tmp_path / "b")
 
 
 def test_convert_fp8_to_bf16(tmp_path):
