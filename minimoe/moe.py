@@ -216,8 +216,12 @@ def _probe_grouped_mm(device_type: str, device_index: Optional[int], dtype: torc
     if not hasattr(torch, "_grouped_mm"):
         return False
     device = torch.device(device_type, device_index) if device_index is not None else device_type
-    # the probe runs a backward: it must work even when called under no_grad / inference_mode
-    with torch.inference_mode(False), torch.enable_grad():
+    # The probe runs a backward: it must work even when called under no_grad / inference_mode,
+    # and inside an activation-checkpointed forward (the first forward of a process may be
+    # one), where the checkpoint's saved-tensor hooks would otherwise count the probe's saved
+    # tensors in the first pass but not in the recompute: plain hooks shield them.
+    with torch.inference_mode(False), torch.enable_grad(), \
+            torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
         return _run_grouped_mm_probe(device, dtype)
 
 

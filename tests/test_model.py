@@ -165,6 +165,20 @@ def test_gradient_checkpointing_gives_same_gradients():
         torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-4, atol=1e-6)
 
 
+def test_gradient_checkpointing_on_the_first_forward_of_a_process():
+    # the sorted dispatch probes torch._grouped_mm (a small forward + backward) the first
+    # time it runs; inside a checkpointed forward that probe must not disturb the checkpoint
+    from minimoe import moe
+
+    cfg = small("toy")
+    ids = random_ids(cfg)
+    model = Transformer(cfg).train()
+    model.gradient_checkpointing = True
+    moe._probe_grouped_mm.cache_clear()  # as in a fresh process
+    model(ids, targets=ids).loss.backward()
+    assert all(p.grad is not None for p in model.layers[-1].parameters() if p.requires_grad)
+
+
 def test_tied_embeddings_share_storage():
     cfg = small("toy", tie_word_embeddings=True)
     model = Transformer(cfg)
