@@ -279,3 +279,12 @@ def test_experiment_runs_small(tmp_path):
     assert results["runs"]["fp8"]["fp8_modules"] > 0 and results["runs"]["bf16"]["fp8_modules"] == 0
     assert len(results["summary"]["fp8"]["relative_ce_per_step"]) == 3
     assert (tmp_path / "fp8_training.png").exists()
+
+
+def test_fp8_bench_runs_on_cpu(tmp_path):
+    from minimoe.bench import fp8_kernels
+
+    assert fp8_kernels.main(["--quick", "--cpu-tokens", "128", "--out", str(tmp_path)]) == 0
+    table = (tmp_path / "fp8_kernels_bench_cpu.md").read_text()
+    assert "linear fwd+bwd fp8" in table and "grouped fwd+bwd fp8" in table
+    assert "MISMATCH" not in table
