@@ -685,15 +685,6 @@ def finetune(args, model: Optional[nn.Module] = None,
     add_lora(model, rank=args.lora_rank, alpha=args.lora_alpha, targets=args.targets,
              dropout=args.lora_dropout, quantize_base=args.quantize_base)
     model.gradient_checkpointing = args.grad_checkpointing
-    if args.grad_checkpointing:
-        # The sorted MoE dispatch probes torch._grouped_mm once per (device, dtype), on first
-        # use. Inside a checkpointed forward the probe's saved tensors would be counted in
-        # the forward but not in the recomputation; probe here, before the first forward.
-        from minimoe.moe import grouped_mm_backend
-
-        for dtype in {next(model.parameters()).dtype} | ({torch.bfloat16}
-                                                         if args.dtype == "bf16" else set()):
-            grouped_mm_backend(device, dtype)
     parameters = trainable_parameters(model)
     optimizer = torch.optim.AdamW(parameters, lr=args.lr, betas=(0.9, 0.999),
                                   weight_decay=args.weight_decay)
