@@ -98,3 +98,13 @@ def test_shortcut_block_needs_mla():
     with pytest.raises(ValueError, match="shortcut_moe"):
         Transformer(tiny_longcat(attention="mha", mla_scale_q_lora=False,
                                  mla_scale_kv_lora=False, head_dim=16))
+
+
+def test_speculative_decoding_with_the_dense_mtp_module_equals_greedy():
+    from minimoe.speculative import speculative_generate
+
+    torch.manual_seed(0)
+    model = Transformer(tiny_longcat(num_nextn_predict_layers=1)).eval()
+    prompt = torch.randint(0, 64, (1, 5), generator=torch.Generator().manual_seed(3))
+    drafted, _ = speculative_generate(model, prompt, max_new_tokens=8)
+    assert torch.equal(drafted, model.generate(prompt, max_new_tokens=8))
