@@ -53,6 +53,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=defaults.device, help="auto | cpu | cuda | mps")
     parser.add_argument("--dtype", default=defaults.dtype, choices=["fp32", "bf16"])
     parser.add_argument("--grad-checkpointing", action="store_true")
+    parser.add_argument("--fp8", action="store_true", help="FP8 GEMMs for the experts and "
+                        "attention projections (ModelConfig.fp8, minimoe.fp8; simulated on a CPU)")
     parser.add_argument("--resume", action="store_true", help="continue from --out")
     parser.add_argument("--max-minutes", type=float, default=4.0,
                         help="stop (and save) after this many minutes of training, so the "
@@ -69,8 +71,11 @@ def command_train(options: argparse.Namespace) -> int:
 
     if options.threads:
         torch.set_num_threads(options.threads)
+    overrides = dict(options.overrides)
+    if options.fp8:
+        overrides["fp8"] = True
     args = TrainArgs(
-        preset=options.preset, config_overrides=dict(options.overrides), data=options.data,
+        preset=options.preset, config_overrides=overrides, data=options.data,
         out_dir=options.out_dir, steps=options.steps, batch_size=options.batch_size,
         seq_len=options.seq_len, grad_accum=options.grad_accum, lr=options.lr,
         min_lr=options.min_lr, warmup_steps=options.warmup_steps,

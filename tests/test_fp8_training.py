@@ -288,3 +288,13 @@ def test_fp8_bench_runs_on_cpu(tmp_path):
     table = (tmp_path / "fp8_kernels_bench_cpu.md").read_text()
     assert "linear fwd+bwd fp8" in table and "grouped fwd+bwd fp8" in table
     assert "MISMATCH" not in table
+
+
+def test_cli_train_has_fp8_flag():
+    import argparse
+
+    from minimoe.cli import add_train_arguments
+
+    parser = argparse.ArgumentParser()
+    add_train_arguments(parser)
+    assert parser.parse_args(["--fp8"]).fp8 and not parser.parse_args([]).fp8
