@@ -71,8 +71,9 @@ def test_gpu_code_path_on_tiny_cpu_shapes(tmp_path):
     router = [r for r in rows if r["kernel"] == "router" and r["tokens"] == 5]
     naive = next(r for r in router if r["impl"] == "naive")
     triton = next(r for r in router if r["impl"] == "triton")
+    # the table keeps 3 significant figures: a relative rounding error of at most 0.5%
     assert triton["speedup_vs_naive"] == pytest.approx(naive["median_us"] / triton["median_us"],
-                                                       rel=2e-3)
+                                                       rel=5e-3)
     assert triton["target_met"] in ("yes", "NO") and naive["target"] == ""
     moe = [r for r in rows if r["kernel"] == "moe_fwd"]
     assert {r["impl"] for r in moe} == {"naive", "sorted+grouped_mm"} or \
