@@ -115,7 +115,7 @@ def _act_quant_kernel(
     n_cols:       the row length K (need not be a multiple of BLOCK_SIZE)
     n_tiles:      ceil(K / BLOCK_SIZE), the row stride of S
     fp8_max:      448.0, the largest e4m3fn value
-    amax_floor:   1e-4, the smallest amax a scale is computed from
+    amax_floor:   the smallest amax a scale is computed from (1e-4 for activations)
     UE8M0:        constexpr; True rounds the scale up to a power of two
     BLOCK_SIZE:   constexpr, the tile length (128)
     """
@@ -186,13 +186,15 @@ def _weight_dequant_kernel(
 INTERPRETED = not isinstance(_act_quant_kernel, triton.runtime.JITFunction)
 
 
-def act_quant(x: torch.Tensor, scale_fmt: str = "fp32"):
+def act_quant(x: torch.Tensor, scale_fmt: str = "fp32", amax_floor: float = AMAX_FLOOR):
     """Quantise x along its last dim in 1x128 tiles (DeepSeek's ``act_quant``), any K.
 
     x (..., K) float32 / bfloat16 / float16 on CUDA (or the CPU under TRITON_INTERPRET=1),
     unit stride along K. Returns q (..., K) float8_e4m3fn and scale (..., ceil(K/128))
     float32 with x[..., k] ~= q[..., k] * scale[..., k // 128]: the same numbers as
     ``minimoe.fp8.quantize_act_1x128`` (e4m3 rounding up to one ulp in the interpreter).
+    amax_floor: the smallest amax a scale is computed from (1e-4 for activations, as in
+    DeepSeek's kernel; the backward of minimoe.fp8 passes a far smaller one for gradients).
     """
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
@@ -202,6 +204,8 @@ def act_quant(x: torch.Tensor, scale_fmt: str = "fp32"):
         raise ValueError("x must have at least one dimension (..., K)")
     if scale_fmt not in SCALE_FORMATS:
         raise ValueError(f"scale_fmt must be one of {SCALE_FORMATS}, got {scale_fmt!r}")
+    if not 1e-35 <= amax_floor < float("inf"):
+        raise ValueError(f"amax_floor must be a number >= 1e-35, got {amax_floor!r}")
     *lead, K = x.shape
     n_tiles = triton.cdiv(K, BLOCK)
     x2d = x.reshape(-1, K)  # (R, K) a view when x's rows are evenly spaced
@@ -213,7 +217,7 @@ def act_quant(x: torch.Tensor, scale_fmt: str = "fp32"):
     scale = torch.empty((R, n_tiles), dtype=torch.float32, device=x.device)  # (R, ceil(K/128))
     if R > 0 and K > 0:
         _act_quant_kernel[(R, n_tiles)](
-            x2d, x2d.stride(0), q, scale, K, n_tiles, FP8_MAX, AMAX_FLOOR,
+            x2d, x2d.stride(0), q, scale, K, n_tiles, FP8_MAX, float(amax_floor),
             UE8M0=scale_fmt == "ue8m0", BLOCK_SIZE=BLOCK,
         )
     return q.view(*lead, K), scale.view(*lead, n_tiles)

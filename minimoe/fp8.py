@@ -85,7 +85,17 @@ Conventions used here, as in DeepSeek's code and checkpoints: the returned scale
   one binade of unused range (values use 224..448 of the format at worst).
 * The amax floor. s = max(amax, 1e-4) / 448: an all-zero tile (padding, a dead channel)
   would otherwise get s = 0 and 0/0 = NaN. With the floor it gets a tiny scale and its
-  values quantise to exact zeros.
+  values quantise to exact zeros. 1e-4 is the floor of DeepSeek's (inference) ``act_quant``
+  and is harmless for activations and weights, whose tiles are far larger. It is *not*
+  harmless for gradients: the gradient of a loss averaged over many tokens is tiny (in the
+  toy, half of the gradient tiles have amax < 1e-4, some 1e-8), and a tile whose amax is
+  below the floor is quantised on a scale up to 10^4 times too coarse, its small elements
+  going subnormal or to zero. The backward passes therefore quantise gradients with
+  ``GRAD_AMAX_FLOOR = 1e-30``, which only protects an all-zero tile (``Fp8Recipe.
+  grad_amax_floor``; every quantiser takes ``amax_floor``). With the 1e-4 floor on gradients
+  the FP8 toy trained several percent worse than BF16 (``minimoe.experiments.fp8_training``
+  keeps that run for comparison). Per-tile scales also make loss scaling unnecessary: each
+  tile's scale follows its own magnitude, however small.
 * Edge tiles. When K (or a weight dimension) is not a multiple of 128, conceptually pad
   with zeros up to the next multiple: the last tile is shorter, its amax is taken over the
   real elements only (zeros never raise an amax), and the scale tensors have ceil(n/128)
@@ -220,6 +230,7 @@ FORMATS = {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}  # fmt -> tor
 FORMAT_MAX = {"e4m3": FP8_MAX, "e5m2": E5M2_MAX}  # fmt -> largest finite value
 BLOCK = 128  # tile length (activations) and block side (weights)
 AMAX_FLOOR = 1e-4  # smallest amax a scale is computed from (DeepSeek's act_quant)
+GRAD_AMAX_FLOOR = 1e-30  # the floor for gradients: only keeps an all-zero tile finite
 SCALE_FORMATS = ("fp32", "ue8m0")
 _INPUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
@@ -264,9 +275,16 @@ def _n_blocks(n: int) -> int:
 
 
 # ----------------------------------------------------------------------------- scales
-def _scale_from_amax(amax: torch.Tensor, scale_fmt: str, fmt: str = "e4m3") -> torch.Tensor:
-    """s = max(amax, 1e-4) / fmt_max, or that rounded up to a power of two (ue8m0)."""
-    scale = amax.float().clamp_min(AMAX_FLOOR) / FORMAT_MAX[fmt]
+def _check_amax_floor(amax_floor: float) -> None:
+    if not (isinstance(amax_floor, (int, float)) and 1e-35 <= amax_floor < float("inf")):
+        raise ValueError(f"amax_floor must be a number >= 1e-35 (the scale amax_floor / "
+                         f"fmt_max must stay a normal float32), got {amax_floor!r}")
+
+
+def _scale_from_amax(amax: torch.Tensor, scale_fmt: str, fmt: str = "e4m3",
+                     amax_floor: float = AMAX_FLOOR) -> torch.Tensor:
+    """s = max(amax, floor) / fmt_max, or that rounded up to a power of two (ue8m0)."""
+    scale = amax.float().clamp_min(amax_floor) / FORMAT_MAX[fmt]
     if scale_fmt == "ue8m0":
         scale = torch.exp2(torch.ceil(torch.log2(scale)))
     return scale
@@ -298,15 +316,18 @@ def dequantize_per_tensor(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------- 1x128 tiles
-def quantize_act_1x128(x: torch.Tensor, scale_fmt: str = "fp32", fmt: str = "e4m3"):
+def quantize_act_1x128(x: torch.Tensor, scale_fmt: str = "fp32", fmt: str = "e4m3",
+                       amax_floor: float = AMAX_FLOOR):
     """Quantise along the last dimension in tiles of 128 (DeepSeek's ``act_quant``).
 
     x (..., K) -> q (..., K) float8 (``FORMATS[fmt]``), scale (..., ceil(K/128)) float32,
-    with x[..., k] ~= q[..., k] * scale[..., k // 128].
+    with x[..., k] ~= q[..., k] * scale[..., k // 128]. amax_floor: 1e-4 as in DeepSeek's
+    kernel for activations; gradients need a far smaller one (``GRAD_AMAX_FLOOR``).
     """
     _check_input(x, "x")
     _check_scale_fmt(scale_fmt)
     _check_fmt(fmt)
+    _check_amax_floor(amax_floor)
     *lead, K = x.shape
     nb = _n_blocks(K)
     if x.numel() == 0:  # no rows or K = 0: empty results of the right shapes
@@ -315,7 +336,7 @@ def quantize_act_1x128(x: torch.Tensor, scale_fmt: str = "fp32", fmt: str = "e4m
     x = x.float().reshape(-1, K)  # (R, K); reshape copies a non-contiguous input
     x_pad = F.pad(x, (0, nb * BLOCK - K))  # (R, nb*128), zeros at the end
     tiles = x_pad.view(-1, nb, BLOCK)  # (R, nb, 128)
-    scale = _scale_from_amax(tiles.abs().amax(dim=-1), scale_fmt, fmt)  # (R, nb)
+    scale = _scale_from_amax(tiles.abs().amax(dim=-1), scale_fmt, fmt, amax_floor)  # (R, nb)
     q = _to_fp8(tiles / scale[..., None], fmt).view(-1, nb * BLOCK)[:, :K]  # (R, K)
     return q.contiguous().view(*lead, K), scale.view(*lead, nb)
 
@@ -468,12 +489,13 @@ def fp8_matmul_reference(a_q: torch.Tensor, a_scale: torch.Tensor, w_q: torch.Te
 # The layer functions below quantise activations and multiply through these two helpers: the
 # Triton kernels when the kernel switch chooses "triton" and they can run here (e4m3 only),
 # the PyTorch reference above otherwise.
-def _quantize_act(x: torch.Tensor, scale_fmt: str, fmt: str = "e4m3"):
+def _quantize_act(x: torch.Tensor, scale_fmt: str, fmt: str = "e4m3",
+                  amax_floor: float = AMAX_FLOOR):
     """1x128 tiles of x (..., K) along its last dim: act_quant kernel or quantize_act_1x128."""
     kernel = kernel_switch.fp8_act_quant_kernel(x) if fmt == "e4m3" else None
     if kernel is not None and x.dtype != torch.float64:
-        return kernel(x.contiguous(), scale_fmt)
-    return quantize_act_1x128(x, scale_fmt, fmt)
+        return kernel(x.contiguous(), scale_fmt, amax_floor=amax_floor)
+    return quantize_act_1x128(x, scale_fmt, fmt, amax_floor)
 
 
 def _gemm(a_q: torch.Tensor, a_scale: torch.Tensor, w_q: torch.Tensor,
@@ -511,9 +533,11 @@ class Fp8Recipe:
 
     scale_fmt: str = "fp32"  # "fp32" | "ue8m0"
     grad_fmt: str = "e4m3"  # "e4m3" (DeepSeek-V3) | "e5m2" (the hybrid recipe)
+    grad_amax_floor: float = GRAD_AMAX_FLOOR  # floor of the gradients' tile amax
 
     def __post_init__(self) -> None:
         _check_scale_fmt(self.scale_fmt)
+        _check_amax_floor(self.grad_amax_floor)
         if self.grad_fmt not in FORMATS:
             raise ValueError(f"grad_fmt must be one of {tuple(FORMATS)}, got {self.grad_fmt!r}")
 
@@ -535,21 +559,21 @@ class _Fp8LinearFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         x2d, weight = ctx.saved_tensors
-        fmt, grad_fmt = ctx.recipe.scale_fmt, ctx.recipe.grad_fmt
+        fmt, grad_fmt, floor = ctx.recipe.scale_fmt, ctx.recipe.grad_fmt, ctx.recipe.grad_amax_floor
         grad_x = grad_w = None
         with kernel_switch.use_kernels(ctx.kernels), _high_precision(x2d.device):
             grad_out = grad_out.float()  # (M, N)
             if ctx.needs_input_grad[0]:
                 # Dgrad: dx = dy @ W, reduce over N. dy in 1x128 tiles along N; W^T (K, N) has
                 # the same 128x128 blocks as W, transposed.
-                g_q, g_s = _quantize_act(grad_out, fmt, grad_fmt)  # (M, N), (M, ceil(N/128))
+                g_q, g_s = _quantize_act(grad_out, fmt, grad_fmt, floor)  # (M, N), (M, ceil(N/128))
                 w_q, w_s = quantize_weight_128x128(weight, fmt)
                 grad_x = _gemm(g_q, g_s, w_q.T.contiguous(), w_s.T.contiguous())  # (M, K)
                 grad_x = grad_x.to(x2d.dtype)
             if ctx.needs_input_grad[1]:
                 # Wgrad: dW = dy^T @ x, reduce over M (tokens): both operands tiled along M,
                 # i.e. 128x1 tiles of dy (M, N) and x (M, K).
-                gt_q, gt_s = _quantize_act(grad_out.T, fmt, grad_fmt)  # (N, M), (N, ceil(M/128))
+                gt_q, gt_s = _quantize_act(grad_out.T, fmt, grad_fmt, floor)  # (N, M), (N, ceil(M/128))
                 xt_q, xt_s = _quantize_act(x2d.T, fmt)  # (K, M), (K, ceil(M/128))
                 grad_w = _gemm(gt_q, gt_s, xt_q, xt_s).to(weight.dtype)  # (N, K)
         return grad_x, grad_w, None
@@ -586,9 +610,10 @@ class Fp8Linear(nn.Module):
     """
 
     def __init__(self, in_features: int, out_features: int, scale_fmt: str = "fp32",
-                 bias: bool = False, grad_fmt: str = "e4m3", device=None):
+                 bias: bool = False, grad_fmt: str = "e4m3", device=None,
+                 grad_amax_floor: float = GRAD_AMAX_FLOOR):
         super().__init__()
-        self.recipe = Fp8Recipe(scale_fmt, grad_fmt)
+        self.recipe = Fp8Recipe(scale_fmt, grad_fmt, grad_amax_floor)
         self.in_features, self.out_features, self.scale_fmt = in_features, out_features, scale_fmt
         self.weight = nn.Parameter(torch.empty(out_features, in_features, device=device))
         nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))  # nn.Linear's default
@@ -598,8 +623,8 @@ class Fp8Linear(nn.Module):
             self.register_parameter("bias", None)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, scale_fmt: str = "fp32",
-                    grad_fmt: str = "e4m3") -> "Fp8Linear":
+    def from_linear(cls, linear: nn.Linear, scale_fmt: str = "fp32", grad_fmt: str = "e4m3",
+                    grad_amax_floor: float = GRAD_AMAX_FLOOR) -> "Fp8Linear":
         """An Fp8Linear holding a float32 copy of linear's weight (and bias) on its device.
 
         Leaves the global random state untouched (the throwaway initialisation runs in a
@@ -608,7 +633,7 @@ class Fp8Linear(nn.Module):
         with torch.random.fork_rng(devices=[]):
             layer = cls(linear.in_features, linear.out_features, scale_fmt,
                         bias=linear.bias is not None, grad_fmt=grad_fmt,
-                        device=linear.weight.device)
+                        device=linear.weight.device, grad_amax_floor=grad_amax_floor)
         with torch.no_grad():
             layer.weight.copy_(linear.weight.float())
             if linear.bias is not None:
@@ -656,7 +681,7 @@ class _Fp8GroupedLinearFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         rows, weight = ctx.saved_tensors
-        fmt, grad_fmt = ctx.recipe.scale_fmt, ctx.recipe.grad_fmt
+        fmt, grad_fmt, floor = ctx.recipe.scale_fmt, ctx.recipe.grad_fmt, ctx.recipe.grad_amax_floor
         bounds = _group_bounds(ctx.sizes)
         grad_rows = grad_weight = None
         with kernel_switch.use_kernels(ctx.kernels), _high_precision(rows.device):
@@ -664,7 +689,7 @@ class _Fp8GroupedLinearFunction(torch.autograd.Function):
             w_q, w_s = quantize_stacked_weights_128x128(weight, fmt)  # (E, N, K), (E, nbn, nbk)
             if ctx.needs_input_grad[0]:
                 # Dgrad: dX_e = dY_e @ W_e; dY in 1x128 tiles along N (per row), W_e^T's blocks
-                g_q, g_s = _quantize_act(grad_out, fmt, grad_fmt)  # (M, N), (M, ceil(N/128))
+                g_q, g_s = _quantize_act(grad_out, fmt, grad_fmt, floor)  # (M, N), (M, ceil(N/128))
                 grad_rows = torch.cat([
                     _gemm(g_q[start:end], g_s[start:end], w_q[e].T.contiguous(),
                           w_s[e].T.contiguous())  # (m_e, K)
@@ -677,7 +702,7 @@ class _Fp8GroupedLinearFunction(torch.autograd.Function):
                     if end == start:  # nobody chose this expert: no tokens, zero gradient
                         grads.append(torch.zeros(weight.shape[1:], device=weight.device))
                         continue
-                    gt_q, gt_s = _quantize_act(grad_out[start:end].T, fmt, grad_fmt)  # (N, m_e)
+                    gt_q, gt_s = _quantize_act(grad_out[start:end].T, fmt, grad_fmt, floor)  # (N, m_e)
                     xt_q, xt_s = _quantize_act(rows[start:end].T, fmt)  # (K, m_e)
                     grads.append(_gemm(gt_q, gt_s, xt_q, xt_s))  # (N, K)
                 grad_weight = torch.stack(grads).to(weight.dtype)  # (E, N, K)
@@ -732,7 +757,8 @@ def expert_forward_fp8(experts, e: int, x: torch.Tensor) -> torch.Tensor:
 HIGH_PRECISION_LINEARS = ("lm_head",)  # nn.Linear children that convert_to_fp8 leaves alone
 
 
-def convert_to_fp8(model: nn.Module, scale_fmt: str = "fp32", grad_fmt: str = "e4m3") -> list[str]:
+def convert_to_fp8(model: nn.Module, scale_fmt: str = "fp32", grad_fmt: str = "e4m3",
+                   grad_amax_floor: float = GRAD_AMAX_FLOOR) -> list[str]:
     """Switch a model's expert and attention-projection GEMMs to FP8, in place.
 
     Every ``nn.Linear`` except the output head (``HIGH_PRECISION_LINEARS``) becomes an
@@ -744,7 +770,7 @@ def convert_to_fp8(model: nn.Module, scale_fmt: str = "fp32", grad_fmt: str = "e
     """
     from minimoe.experts import RoutedExperts  # minimoe.experts imports this module lazily
 
-    recipe = Fp8Recipe(scale_fmt, grad_fmt)
+    recipe = Fp8Recipe(scale_fmt, grad_fmt, grad_amax_floor)
     converted = []
     for parent_name, parent in list(model.named_modules()):
         if isinstance(parent, RoutedExperts):
@@ -752,6 +778,7 @@ def convert_to_fp8(model: nn.Module, scale_fmt: str = "fp32", grad_fmt: str = "e
             converted.append(parent_name)
         for name, child in list(parent.named_children()):
             if type(child) is nn.Linear and name not in HIGH_PRECISION_LINEARS:
-                setattr(parent, name, Fp8Linear.from_linear(child, scale_fmt, grad_fmt))
+                setattr(parent, name, Fp8Linear.from_linear(child, scale_fmt, grad_fmt,
+                                                            grad_amax_floor))
                 converted.append(f"{parent_name}.{name}" if parent_name else name)
     return sorted(converted)

@@ -298,3 +298,26 @@ def test_cli_train_has_fp8_flag():
     parser = argparse.ArgumentParser()
     add_train_arguments(parser)
     assert parser.parse_args(["--fp8"]).fp8 and not parser.parse_args([]).fp8
+
+
+def test_gradients_are_quantised_without_the_activation_floor():
+    """Gradients of a mean loss are tiny; the 1e-4 amax floor of DeepSeek's act_quant would
+    quantise them on a far too coarse scale. The backward uses GRAD_AMAX_FLOOR instead."""
+    torch.manual_seed(0)
+    linear = nn.Linear(256, 128, bias=False)
+    x = torch.randn(64, 256)
+    grad = torch.randn(64, 128) * torch.logspace(-11, -5, 64)[:, None]  # rows 1e-11 .. 1e-5
+    exact_dx, exact_dw = grad @ linear.weight.detach(), grad.T @ x
+    errors = {}
+    for floor in (fp8.GRAD_AMAX_FLOOR, fp8.AMAX_FLOOR):
+        layer = Fp8Linear.from_linear(linear, grad_amax_floor=floor)
+        xi = x.clone().requires_grad_(True)
+        layer(xi).backward(grad)
+        row_errors = (xi.grad - exact_dx).norm(dim=1) / exact_dx.norm(dim=1)  # per token
+        errors[floor] = (row_errors.max().item(), rel(layer.weight.grad, exact_dw))
+    assert errors[fp8.GRAD_AMAX_FLOOR][0] < 0.08 and errors[fp8.GRAD_AMAX_FLOOR][1] < 0.06
+    assert errors[fp8.AMAX_FLOOR][0] > 0.9  # the smallest rows are flushed to zero
+    with pytest.raises(ValueError, match="amax_floor must be"):
+        Fp8Recipe(grad_amax_floor=0.0)
+    with pytest.raises(ValueError, match="amax_floor must be"):
+        quantize_act_1x128(x, amax_floor=float("nan"))

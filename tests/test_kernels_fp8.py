@@ -362,3 +362,15 @@ def test_fp8_toy_layer_under_triton_switch(counted_kernels):
     # q, kv_a, kv_b, o + shared gate, up, down + 4 experts x 3 (the empty ones too)
     assert counted_kernels[1].calls == 4 + 3 + 4 * 3
     torch.testing.assert_close(logits[1], logits[0], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("amax_floor", [fp8.GRAD_AMAX_FLOOR, 1e-4])
+def test_act_quant_amax_floor_matches_reference(amax_floor):
+    """Tiny rows (gradient-like): the scale follows the tile down to the floor, as in torch."""
+    x = torch.randn(6, 200) * torch.logspace(-12, -2, 6)[:, None]
+    q, scale = act_quant(x, amax_floor=amax_floor)
+    q_ref, scale_ref = fp8.quantize_act_1x128(x, amax_floor=amax_floor)
+    assert torch.equal(scale, scale_ref)
+    assert_same_fp8(q, q_ref)
+    with pytest.raises(ValueError, match="amax_floor"):
+        act_quant(x, amax_floor=0.0)
