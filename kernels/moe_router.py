@@ -118,6 +118,8 @@ def _router_forward_kernel(
     expert = group[:, None] * per_group + member[None, :]  # (BG, BP) flat expert index
     valid = (group[:, None] < N_GROUP) & (member[None, :] < per_group)  # (BG, BP) real experts
     big = BLOCK_GROUPS * BLOCK_PER_GROUP  # larger than any flat index: "no position"
+    # padding cells would alias the next group's indices: give them the index "big"
+    cell = tl.where(valid, expert, big)  # (BG, BP)
 
     # 2. the logits (float32, or float64 for gradient checks); padding is -inf
     u = tl.load(LOGITS_ptr + row * logits_row_stride + expert, mask=valid,
@@ -168,8 +170,8 @@ def _router_forward_kernel(
     weights = tl.zeros((BLOCK_K,), dtype=scores.dtype)  # (BK,)
     for j in tl.static_range(TOP_K):
         top = tl.max(tl.max(choice, axis=1), axis=0)
-        position = tl.min(tl.min(tl.where(choice == top, expert, big), axis=1), axis=0)
-        hit = expert == position  # (BG, BP) exactly one cell
+        position = tl.min(tl.min(tl.where(choice == top, cell, big), axis=1), axis=0)
+        hit = cell == position  # (BG, BP) exactly one cell
         weight = tl.sum(tl.sum(tl.where(hit, scores, 0.0), axis=1), axis=0)
         chosen = tl.where(slot == j, position.to(tl.int64), chosen)
         weights = tl.where(slot == j, weight, weights)

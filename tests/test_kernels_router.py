@@ -36,6 +36,8 @@ CASES = [
     (5, 256, 8, 8, 4, "top2_sum", True, 2.5),
     (3, 256, 8, 8, 4, "max", True, 1.0),
     (7, 16, 1, 4, 1, "max", True, 1.0),
+    (9, 48, 4, 8, 3, "top2_sum", True, 2.5),  # 6 experts per group: padded groups
+    (4, 24, 3, 1, 1, "top2_sum", False, 1.0),  # E not a power of two
 ]
 
 
