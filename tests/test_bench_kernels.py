@@ -58,7 +58,7 @@ def test_without_the_interpreter_it_times_the_reference(monkeypatch, capsys):
     assert all(row["section"] == "timing" and row["median_us"] > 0 for row in rows)
 
 
-def test_gpu_code_path_on_tiny_cpu_shapes(tmp_path):
+def test_gpu_code_path_on_tiny_cpu_shapes(tmp_path, capsys):
     shape = bench.Shape("tiny", 64, 32, 16, 4, 4, 2, "sigmoid", True, 2.5, 2, 64, 32)
     peaks = {"peak_tflops": 1.0, "copy_gbps": 10.0}
     rec = bench.Recorder(torch.device("cpu"), peaks, quick=True)
@@ -81,6 +81,8 @@ def test_gpu_code_path_on_tiny_cpu_shapes(tmp_path):
     # 3 matmuls of 2 * (N k) * C * I, forward; twice that backward
     assert all(r["flops"] == 6 * 5 * 4 * 64 * 32 for r in moe)
     assert {r["impl"] for r in rows if r["kernel"] == "moe_bwd"} == {r["impl"] for r in moe}
+    bench.print_target_summary(rows)
+    assert "speed targets met:" in capsys.readouterr().out
     written = bench.plot_figures(rows, peaks, tmp_path)
     assert [p.name for p in written] == ["kernels_roofline.png", "kernels_speedup.png"]
 

@@ -592,15 +592,17 @@ def _time_backward(rec, step, forward_ms, impl, where, *tensors) -> None:
     try:
         total = time_ms(run, rec.device, rec.quick)
     except torch.cuda.OutOfMemoryError:
-        torch.cuda.empty_cache()
         rec.rows.append(_row(section="timing", impl=impl, **where, note="out of memory"))
         return
     except Exception as error:
         rec.rows.append(_row(section="timing", impl=impl, **where,
                              note=f"{type(error).__name__}: {str(error)[:100]}"))
         return
-    for t in tensors:
-        t.grad = None
+    finally:  # free the gradients (the experts' are as large as the weights)
+        for t in tensors:
+            t.grad = None
+        if rec.device.type == "cuda":
+            torch.cuda.empty_cache()
     rec.rows.append(_row(section="timing", impl=impl, **where,
                          median_us=_sig(max(total - forward_ms, 1e-6) * 1e3, 4),
                          note="(forward+backward) - forward"))
@@ -769,6 +771,20 @@ def plot_figures(rows: list, peaks: dict, figures_dir: Path) -> list:
     return written
 
 
+def print_target_summary(rows: list) -> None:
+    """How many speed targets were met; one line per missed target."""
+    judged = [r for r in rows if r.get("target_met") in ("yes", "NO")]
+    if not judged:
+        return
+    missed = [r for r in judged if r["target_met"] == "NO"]
+    print(f"speed targets met: {len(judged) - len(missed)} of {len(judged)}")
+    for r in missed:
+        print(f"  missed: {r['kernel']} {r['model']} {r['tokens']} tokens {r['routing']}: "
+              f"{r['median_us']} us, {r['pct_peak_flops'] or '-'}% peak, "
+              f"{r['pct_copy_bw']}% copy bw, x{r['speedup_vs_naive'] or '-'} vs naive, "
+              f"x{r['speedup_vs_best'] or '-'} vs best (target {r['target']})")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer token counts and repeats")
@@ -813,6 +829,7 @@ def main(argv=None) -> int:
     if peaks:
         written += plot_figures(rows, peaks, figures_dir)
     print("wrote " + ", ".join(str(p) for p in written))
+    print_target_summary(rows)
     failed = [r for r in rows if r["section"] == "correctness" and r["passed"] is False]
     if failed:
         print(f"{len(failed)} correctness check(s) FAILED: " + ", ".join(r["kernel"] for r in failed))
