@@ -667,17 +667,12 @@ def finetune(args, model: Optional[nn.Module] = None,
     only, no expert-bias update (the base, buffers included, stays frozen).
     """
     from minimoe import data as data_lib
-    from minimoe.train import evaluate, learning_rate, pick_device, save_checkpoint
+    from minimoe.train import (evaluate, learning_rate, pick_device, save_checkpoint,
+                               training_corpora)
 
     torch.manual_seed(args.seed)
     device = pick_device(args.device)
-    if args.dtype not in ("fp32", "bf16"):
-        raise ValueError(f"dtype must be 'fp32' or 'bf16', got {args.dtype!r}")
-    if args.data is not None:
-        corpus = data_lib.load_text_corpus(args.data)
-    else:
-        corpus = data_lib.build_corpus(args.corpus_tokens, seed=args.seed)
-    train_corpus, val_corpus = corpus.split(0.05)
+    train_corpus, val_corpus = training_corpora(args)
 
     if model is None:
         model = load_base_model(args.model, args.config_overrides, args.seed)

@@ -187,6 +187,17 @@ def mean_max_vio(router_stats: dict) -> float:
     return sum(values) / len(values) if values else 0.0
 
 
+def training_corpora(args):
+    """(train, validation) corpora of a run: --data's text or the synthetic corpus, 95/5."""
+    if args.dtype not in ("fp32", "bf16"):
+        raise ValueError(f"dtype must be 'fp32' or 'bf16', got {args.dtype!r}")
+    if args.data is not None:
+        corpus = data_lib.load_text_corpus(args.data)
+    else:
+        corpus = data_lib.build_corpus(args.corpus_tokens, seed=args.seed)
+    return corpus.split(0.05)
+
+
 def train(args: TrainArgs, on_step: Optional[Callable[[dict], None]] = None):
     """Train a model; returns (model, history, (train_corpus, val_corpus)).
 
@@ -195,14 +206,7 @@ def train(args: TrainArgs, on_step: Optional[Callable[[dict], None]] = None):
     """
     torch.manual_seed(args.seed)
     device = pick_device(args.device)
-    if args.dtype not in ("fp32", "bf16"):
-        raise ValueError(f"dtype must be 'fp32' or 'bf16', got {args.dtype!r}")
-
-    if args.data is not None:
-        corpus = data_lib.load_text_corpus(args.data)
-    else:
-        corpus = data_lib.build_corpus(args.corpus_tokens, seed=args.seed)
-    train_corpus, val_corpus = corpus.split(0.05)
+    train_corpus, val_corpus = training_corpora(args)
 
     start_step, history = 0, []
     checkpoint_exists = os.path.exists(os.path.join(args.out_dir, "model.safetensors"))
