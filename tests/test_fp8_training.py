@@ -326,3 +326,29 @@ def test_gradients_are_quantised_without_the_activation_floor():
         Fp8Recipe(grad_amax_floor=0.0)
     with pytest.raises(ValueError, match="amax_floor must be"):
         quantize_act_1x128(x, amax_floor=float("nan"))
+
+
+def test_fp8_linear_edge_inputs():
+    """Non-contiguous input = its contiguous copy; float64 in, float64 out; no rows; bad dtypes
+    and non-finite values raise naming the tensor."""
+    torch.manual_seed(0)
+    layer = Fp8Linear(130, 20)
+    x = torch.randn(130, 9)  # x.T is a non-contiguous (9, 130)
+    torch.testing.assert_close(layer(x.T), layer(x.T.contiguous()), rtol=0, atol=0)
+    y64 = layer(x.T.double())
+    assert y64.dtype == torch.float64
+    empty = torch.zeros(0, 130, requires_grad=True)
+    out = layer(empty)
+    out.sum().backward()
+    assert out.shape == (0, 20) and empty.grad.shape == (0, 130)
+    assert bool((layer.weight.grad == 0).all())
+    with pytest.raises(ValueError, match="x must be float32, bfloat16, float16 or float64"):
+        layer(torch.ones(3, 130, dtype=torch.int64))
+    with pytest.raises(ValueError, match="x contains NaN or inf"):
+        layer(torch.full((2, 130), float("inf")))
+    weight = layer.weight.detach().clone()
+    weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="w contains NaN or inf"):
+        fp8.fp8_linear(torch.randn(2, 130), weight)
+    with pytest.raises(ValueError, match="must share K"):
+        fp8.fp8_linear(torch.randn(2, 129), layer.weight)

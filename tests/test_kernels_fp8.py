@@ -374,3 +374,14 @@ def test_act_quant_amax_floor_matches_reference(amax_floor):
     assert_same_fp8(q, q_ref)
     with pytest.raises(ValueError, match="amax_floor"):
         act_quant(x, amax_floor=0.0)
+
+
+def test_act_quant_non_finite_tile_gets_a_nan_scale():
+    """Documented behaviour on the kernel path: only the tile holding the NaN / inf is marked."""
+    x = torch.randn(3, 300)
+    x[1, 140] = float("nan")
+    x[2, 5] = float("-inf")
+    _, scale = act_quant(x)
+    expected = torch.zeros(3, 3, dtype=torch.bool)
+    expected[1, 1] = expected[2, 0] = True
+    assert torch.equal(torch.isnan(scale), expected)
