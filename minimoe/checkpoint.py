@@ -63,8 +63,15 @@ MLA names, twice per layer, and the DeepSeek expert names; its router has its ow
     model.layers.{i}.mlp.router.classifier.weight           (E + Z, C) -> mlp.gate.weight
     model.layers.{i}.mlp.router.e_score_correction_bias     (E + Z,)   -> mlp.gate.e_score_...
     model.layers.{i}.mlp.experts.{e}.{gate,up,down}_proj.weight   e < E (FFN experts only)
-    model.mtp.*                                             the MTP module: not loaded (as in
-                                                            transformers); built without MTP
+    model.mtp.embed_tokens.weight                           the MTP module's copy of the
+                                                            embedding: not read (see below)
+    model.mtp.layers.0.enorm.m.weight, hnorm.m.weight       -> mtp.0.enorm / hnorm.weight
+    model.mtp.layers.0.eh_proj.weight                       (C, 2C) -> mtp.0.eh_proj.weight
+    model.mtp.layers.0.{input,post_attention}_layernorm.weight  -> mtp.0.block.<same>
+    model.mtp.layers.0.self_attn.<MLA names as above>       -> mtp.0.block.self_attn.<same>
+    model.mtp.layers.0.transformer_layer.mlp.{gate,up,down}_proj.weight
+                                                            -> mtp.0.block.mlp.<same> (dense)
+    model.mtp.norm.weight                                   -> mtp.0.final_norm.weight
 
 The identity experts hold no weights. transformers 5.23 keeps a fused gate_up_proj with a row
 block for *every* expert, identity ones included (never used), so its save_pretrained also
@@ -103,6 +110,17 @@ those, so the copies are not read). They load into ``model.mtp[k]``. transformer
 DeepseekV3 has no MTP module, so the checkpoints it saves carry none although their config
 says num_nextn_predict_layers = 1: then the model is built without MTP (with a warning)
 rather than with random MTP weights.
+
+LongCat-Flash stores its one MTP module under ``model.mtp.`` instead (names in the table
+above): one MLA sublayer and a dense FFN, with the main layers' MLA (latent scales, rope rows
+permuted alike). Its config.json does not count it: the loader builds the module exactly
+when the checkpoint holds ``model.mtp.*`` tensors (transformers' LongcatFlash has no MTP
+module and saves none, so its checkpoints load without MTP, silently). The module's own copy
+of the embedding, ``model.mtp.embed_tokens.weight``, is not read: minimoe shares the main
+embedding with its MTP modules, as the runtimes that serve LongCat-Flash with MTP drafts
+(SGLang, vLLM) do -- they too ignore the copy -- and comparing it with the main embedding
+would read a second (V, C) table (1.6 GB in bf16) on every load. With ``layers=`` the
+``model.mtp.*`` tensors are skipped like DeepSeek's MTP layer.
 
 FP8 weights. DeepSeek-V3 is published in float8_e4m3fn: every large 2-D ``weight`` has a
 float32 companion ``weight_scale_inv`` of shape [ceil(out/128), ceil(in/128)], one scale per
@@ -157,6 +175,21 @@ _MTP_SHARED_COPIES = ("embed_tokens.weight", "shared_head.head.weight")
 _MTP_OWN = {"enorm.weight": "enorm.weight", "hnorm.weight": "hnorm.weight",
             "eh_proj.weight": "eh_proj.weight", "shared_head.norm.weight": "final_norm.weight",
             "final_layernorm.weight": "final_norm.weight"}  # the last: Ling-2.0's name
+# LongCat-Flash's MTP module (model.mtp.*): its names without the prefix -> minimoe's under
+# mtp.0.; the attention names (layers.0.self_attn.*) pass through to mtp.0.block.self_attn.*.
+LONGCAT_MTP_PREFIX = "model.mtp."
+_LONGCAT_MTP = {
+    "layers.0.enorm.m.weight": "enorm.weight",
+    "layers.0.hnorm.m.weight": "hnorm.weight",
+    "layers.0.eh_proj.weight": "eh_proj.weight",
+    "layers.0.input_layernorm.weight": "block.input_layernorm.weight",
+    "layers.0.post_attention_layernorm.weight": "block.post_attention_layernorm.weight",
+    "layers.0.transformer_layer.mlp.gate_proj.weight": "block.mlp.gate_proj.weight",
+    "layers.0.transformer_layer.mlp.up_proj.weight": "block.mlp.up_proj.weight",
+    "layers.0.transformer_layer.mlp.down_proj.weight": "block.mlp.down_proj.weight",
+    "norm.weight": "final_norm.weight",
+}
+_LONGCAT_MTP_SHARED_COPY = "embed_tokens.weight"  # the main embedding's copy: not read
 # Names inside a layer (after model.layers.{i}.) of LongCat-Flash and Ling-2.0 -> the names
 # above; the fused query_key_value is split in _place.
 _LAYER_RENAMES = {
@@ -303,14 +336,18 @@ def _build_config(hf: dict, layers: Optional[list[int]], has_mtp: list[bool]) ->
     cfg = ModelConfig.from_hf(hf)
     changes: dict = {}
     mtp_depth = cfg.num_nextn_predict_layers
+    if cfg.shortcut_moe and any(has_mtp):
+        mtp_depth = 1  # LongCat-Flash: one MTP module, whatever config.json says (or not)
     if layers is not None:
         # the MTP modules follow the *last* main layer: they have no meaning for a subset
         mtp_depth = 0
         dense = sum(1 for i in layers if i < cfg.first_k_dense_replace)
         changes.update(num_hidden_layers=len(layers), first_k_dense_replace=dense)
     elif mtp_depth > 0 and not any(has_mtp):
+        where = (LONGCAT_MTP_PREFIX + "*" if cfg.shortcut_moe
+                 else f"model.layers.{cfg.num_hidden_layers}.*")
         warnings.warn(f"config.json says num_nextn_predict_layers={mtp_depth} but the checkpoint "
-                      f"holds no model.layers.{cfg.num_hidden_layers}.* tensors (checkpoints "
+                      f"holds no {where} tensors (checkpoints "
                       "saved by transformers carry no MTP module); building the model without "
                       "MTP", stacklevel=3)
         mtp_depth = 0
@@ -380,6 +417,8 @@ def load_pretrained(path_or_repo_id: str | os.PathLike, dtype: Optional[torch.dt
     depth = int(hf.get("num_nextn_predict_layers", 0) or 0)
     has_mtp = [any(n.startswith(f"model.layers.{num_layers + k}.") for n in weight_map)
                for k in range(depth)]
+    if model_type == "longcat_flash":  # its one MTP module lives under model.mtp.
+        has_mtp = [any(n.startswith(LONGCAT_MTP_PREFIX) for n in weight_map)]
     cfg = _build_config(hf, layer_list, has_mtp)
     if offload_experts:
         cfg = cfg.replace(dispatch="naive")  # per-expert calls: what the offloaded store serves
@@ -507,8 +546,8 @@ def _map_name(name: str, num_layers: int, cfg: ModelConfig,
         if name == "lm_head.weight" and cfg.tie_word_embeddings:
             return None
         return top[name], None
-    if cfg.shortcut_moe and name.startswith("model.mtp."):
-        return "skip"  # LongCat-Flash's MTP module: not loaded (see the module docstring)
+    if cfg.shortcut_moe and name.startswith(LONGCAT_MTP_PREFIX):
+        return _map_longcat_mtp_name(name[len(LONGCAT_MTP_PREFIX):], cfg, layer_position)
     match = _LAYER.match(name)
     if match is None:
         return None
@@ -543,6 +582,22 @@ def _map_name(name: str, num_layers: int, cfg: ModelConfig,
             return "skip"  # an identity expert's unused rows, written by transformers' LongCat
         return f"{prefix}mlp.experts.{expert.group(2)}", int(expert.group(1))
     return prefix + rest, None
+
+
+def _map_longcat_mtp_name(rest: str, cfg: ModelConfig,
+                          layer_position: Optional[dict[int, int]]):
+    """LongCat-Flash's model.mtp.{rest} -> (mtp.0.<name>, None), "skip", or None (no place)."""
+    if layer_position is not None:
+        return "skip"  # no MTP with a subset of layers
+    if rest == _LONGCAT_MTP_SHARED_COPY:
+        return "skip"  # the main embedding's copy: minimoe shares it (module docstring)
+    if cfg.num_nextn_predict_layers == 0:
+        return None
+    if rest in _LONGCAT_MTP:
+        return f"mtp.0.{_LONGCAT_MTP[rest]}", None
+    if rest.startswith("layers.0.self_attn."):
+        return "mtp.0.block." + rest[len("layers.0."):], None
+    return None
 
 
 def _place(name, file_name, tensor, minimoe_name, expert, targets, loaded, filled_experts,

@@ -438,8 +438,9 @@ def _from_hf_longcat(hf: dict) -> ModelConfig:
     (identity experts included); every layer has the shortcut MoE, no shared experts. The
     MLA latent scales are always on in transformers; the hub's config.json spells them out
     (mla_scale_q_lora / mla_scale_kv_lora). RoPE rotates head_dim (= qk_rope_head_dim) dims.
-    The checkpoint's MTP module (model.mtp.*) is not loaded (transformers skips it as well),
-    so num_nextn_predict_layers is 0 here.
+    The checkpoint's one MTP module (model.mtp.*) is not counted in config.json (transformers
+    builds none): num_nextn_predict_layers is the config's value when it has one (0 or 1),
+    else 0, and ``load_pretrained`` sets it to 1 when the checkpoint holds model.mtp.* tensors.
     """
     get = hf.get
 
@@ -453,6 +454,9 @@ def _from_hf_longcat(hf: dict) -> ModelConfig:
         reject("router_bias", "puts a bias on the router logits")
     if get("zero_expert_type", "identity") != "identity":
         reject("zero_expert_type", "is not the identity")
+    if (get("num_nextn_predict_layers") or 0) not in (0, 1):
+        reject("num_nextn_predict_layers", "asks for more than the one MTP module (model.mtp.*) "
+               "of LongCat-Flash's checkpoint layout")
     rope = get("qk_rope_head_dim", 64)
     if get("head_dim") not in (None, rope):
         reject("head_dim", f"sets the rotary width, which differs from qk_rope_head_dim={rope}")
@@ -500,7 +504,7 @@ def _from_hf_longcat(hf: dict) -> ModelConfig:
         routed_scaling_factor=get("routed_scaling_factor", 6.0),
         use_expert_bias=True,
         shortcut_moe=True,
-        num_nextn_predict_layers=0,
+        num_nextn_predict_layers=get("num_nextn_predict_layers") or 0,
     )
     return ModelConfig(**values)
 
@@ -815,7 +819,8 @@ PRESETS: dict[str, dict] = {
         scoring_func="softmax", topk_method="greedy", n_group=1, topk_group=1,
         norm_topk_prob=False, routed_scaling_factor=6.0, use_expert_bias=True,
         # The checkpoint holds one MTP module (model.mtp.*: enorm, hnorm, eh_proj, one MLA +
-        # dense-FFN layer, a final norm), which transformers skips on load.
+        # dense-FFN layer, a final norm), which transformers skips on load and
+        # minimoe.load_pretrained loads.
         shortcut_moe=True, num_nextn_predict_layers=1,
     ),
     "mixtral-8x7b": dict(

@@ -19,8 +19,9 @@ So a download is two steps:
 Both steps go through ``huggingface_hub.snapshot_download(allow_patterns=...)``, which
 keeps files in the shared hub cache: a second call finds them there and downloads nothing.
 A tensor is *not* needed when it belongs to a decoder layer left out of ``layers`` (and,
-with a subset, the multi-token-prediction layers that follow the last main layer, which
-``minimoe.checkpoint.load_pretrained`` skips then); every other tensor is.
+with a subset, the multi-token-prediction modules, which ``minimoe.checkpoint.load_pretrained``
+skips then: DeepSeek's layers after the last main layer, LongCat-Flash's ``model.mtp.*``);
+every other tensor is.
 
 What the reader should notice
 -----------------------------
@@ -41,6 +42,7 @@ from typing import Iterable, Optional
 INDEX_FILE = "model.safetensors.index.json"
 SMALL_FILE_PATTERNS = ["*.json", "*.jinja"]  # config, index, tokenizer, chat template
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
+_MTP_MODULE = "model.mtp."  # LongCat-Flash's MTP module (not numbered as a layer)
 
 
 class HubDownloadError(OSError):
@@ -59,14 +61,17 @@ def needed_shards(weight_map: dict[str, str],
 
     weight_map: {tensor name: shard file} from the index json. layers: None = all tensors;
     else the decoder layers kept -- tensors ``model.layers.{i}.*`` of any other i (other
-    main layers, and the MTP layers numbered from num_hidden_layers on) are not needed.
-    Everything else (embedding, final norm, head, ...) is.
+    main layers, and the MTP layers numbered from num_hidden_layers on) and LongCat-Flash's
+    MTP module ``model.mtp.*`` are not needed. Everything else (embedding, final norm, head,
+    ...) is.
     """
     keep = None if layers is None else {int(i) for i in layers}
     shards = set()
     for name, shard in weight_map.items():
         match = _LAYER.match(name)
         if keep is not None and match is not None and int(match.group(1)) not in keep:
+            continue
+        if keep is not None and name.startswith(_MTP_MODULE):
             continue
         shards.add(shard)
     return sorted(shards)

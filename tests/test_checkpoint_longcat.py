@@ -113,27 +113,6 @@ def test_layer_subset_matches_transformers_with_the_same_layers(checkpoint):
     assert diff <= ATOL
 
 
-def test_mtp_tensors_are_skipped(checkpoint, tmp_path):
-    """The hub checkpoint has model.mtp.*: not loaded (transformers skips it too)."""
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-
-    folder, hf_model = checkpoint
-    tensors = {}
-    for shard in sorted(folder.glob("*.safetensors")):
-        with safe_open(str(shard), framework="pt") as handle:
-            tensors.update({name: handle.get_tensor(name) for name in handle.keys()})
-    tensors["model.mtp.layers.0.eh_proj.weight"] = torch.zeros(32, 64)
-    tensors["model.mtp.norm.weight"] = torch.ones(32)
-    save_file(tensors, str(tmp_path / "model.safetensors"))
-    (tmp_path / "config.json").write_text((folder / "config.json").read_text())
-    model = minimoe.load_pretrained(tmp_path)
-    assert len(model.mtp) == 0
-    ids = torch.randint(0, BASE["vocab_size"], (1, 9), generator=torch.Generator().manual_seed(8))
-    with torch.no_grad():
-        assert (model(ids).logits - hf_model(ids).logits).abs().max().item() <= ATOL
-
-
 def test_from_hf_of_the_published_config_matches_the_preset():
     # LongCat-Flash-Chat's config.json (the architecture keys)
     published = {"model_type": "longcat_flash", "architectures": ["LongcatFlashForCausalLM"],
@@ -149,7 +128,8 @@ def test_from_hf_of_the_published_config_matches_the_preset():
     got = ModelConfig.from_hf(published).to_dict()
     preset = ModelConfig.preset("longcat-flash").to_dict()
     differ = {k for k in got if got[k] != preset[k]}
-    # the preset sizes the MTP module that from_hf's loader does not build
+    # config.json does not count the MTP module: load_pretrained builds it when the checkpoint
+    # holds model.mtp.* (tests/test_checkpoint_longcat_mtp.py); the preset has it
     assert differ == {"name", "num_nextn_predict_layers"}, differ
 
 

@@ -148,3 +148,15 @@ def test_repo_without_config_and_bad_local_paths(tmp_path, monkeypatch):
         hub.download_checkpoint("someone/not-a-model")
     with pytest.raises(FileNotFoundError, match="not a folder"):
         minimoe.load_pretrained(str(tmp_path / "missing" / "folder"))
+
+
+def test_needed_shards_leave_out_longcat_mtp_module_for_a_subset():
+    """LongCat-Flash's MTP module is model.mtp.*, not a numbered layer: the loader skips it
+    for a layer subset, so its shard is not fetched then; the whole model needs it."""
+    index = {"model.embed_tokens.weight": "a.safetensors",
+             "model.layers.0.self_attn.0.o_proj.weight": "a.safetensors",
+             "model.mtp.layers.0.eh_proj.weight": "b.safetensors",
+             "model.mtp.embed_tokens.weight": "c.safetensors",
+             "lm_head.weight": "a.safetensors"}
+    assert hub.needed_shards(index, layers=[0]) == ["a.safetensors"]
+    assert hub.needed_shards(index) == ["a.safetensors", "b.safetensors", "c.safetensors"]
