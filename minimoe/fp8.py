@@ -208,6 +208,11 @@ What the reader should notice
   (``tests/test_fp8.py`` and the experiment's second figure measure by how much).
 * Accumulation precision, not the 8-bit inputs, is what breaks a long-K FP8 GEMM; promoting
   every 128 products to float32 repairs it.
+* A whole model is far less sensitive than one GEMM: on the same weights, the toy's
+  validation loss with every expert and attention-projection GEMM in FP8 is within 0.13% of
+  BF16 (``python -m minimoe.experiments.fp8_training``, 3 seeds), although each GEMM is ~3.5%
+  off; trained FP8 and BF16 twins drift apart by a few percent over 200 steps, exactly as
+  FP32 and BF16 twins do.
 """
 
 from __future__ import annotations
