@@ -192,6 +192,15 @@ def _row(kernel: str, where: str, ms: Optional[float], flops: float = 0.0,
     return row
 
 
+def _triton_version() -> str:
+    try:
+        import triton
+
+        return triton.__version__
+    except ImportError:
+        return "not installed"
+
+
 # ----------------------------------------------------------------------------- CPU path
 def _interpreted() -> bool:
     try:
@@ -305,8 +314,8 @@ COLUMNS = ["kernel", "shape", "ms", "TFLOPs", "pct_bf16_peak", "GBps", "pct_copy
            "torch_ms", "note"]
 
 
-def markdown_table(rows: list, peaks: Optional[dict] = None) -> str:
-    lines = []
+def markdown_table(rows: list, peaks: Optional[dict] = None, header: str = "") -> str:
+    lines = [header + "\n"] if header else []
     if peaks:
         lines.append(f"copy bandwidth {peaks['copy_GBps']:.0f} GB/s, bf16 matmul peak "
                      f"{peaks['bf16_TFLOPs']:.0f} TFLOP/s (measured in this run)\n")
@@ -317,14 +326,15 @@ def markdown_table(rows: list, peaks: Optional[dict] = None) -> str:
     return "\n".join(lines)
 
 
-def write_outputs(rows: list, out_dir: Path, stem: str, peaks: Optional[dict]) -> list:
+def write_outputs(rows: list, out_dir: Path, stem: str, peaks: Optional[dict],
+                  header: str = "") -> list:
     out_dir.mkdir(parents=True, exist_ok=True)
     csv_path, md_path = out_dir / f"{stem}.csv", out_dir / f"{stem}.md"
     with open(csv_path, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=COLUMNS)
         writer.writeheader()
         writer.writerows(rows)
-    md_path.write_text(markdown_table(rows, peaks) + "\n")
+    md_path.write_text(markdown_table(rows, peaks, header) + "\n")
     return [str(csv_path), str(md_path)]
 
 
@@ -341,19 +351,21 @@ def main(argv=None) -> int:
     out_dir = Path(options.out)
     if torch.cuda.is_available() and not _interpreted():
         rows, peaks = gpu_rows(options.quick)
-        print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}")
-        print(markdown_table(rows, peaks))
-        print("wrote", *write_outputs(rows, out_dir, "fp8_kernels_bench", peaks))
+        header = (f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, "
+                  f"triton {_triton_version()}")
+        print(markdown_table(rows, peaks, header))
+        print("wrote", *write_outputs(rows, out_dir, "fp8_kernels_bench", peaks, header))
         return 0
     print("no CUDA GPU here: correctness of the FP8 kernels / quantisers, and the CPU cost of "
           "the FP8 emulation (forward + backward, median of repeats)")
     rows = cpu_correctness_rows()
     failed = any("MISMATCH" in row["note"] for row in rows)
     rows += cpu_overhead_rows(options.quick, options.cpu_tokens)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), "
-          f"load average {os.getloadavg()[0]:.1f}")
-    print(markdown_table(rows))
-    print("wrote", *write_outputs(rows, out_dir, "fp8_kernels_bench_cpu", None))
+    header = (f"CPU ({os.cpu_count()} cores), torch {torch.__version__}, "
+              f"{torch.get_num_threads()} thread(s), load average {os.getloadavg()[0]:.1f}; "
+              "times in ms, forward + backward, median")
+    print(markdown_table(rows, None, header))
+    print("wrote", *write_outputs(rows, out_dir, "fp8_kernels_bench_cpu", None, header))
     return 1 if failed else 0
 
 
