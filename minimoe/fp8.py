@@ -192,10 +192,15 @@ The kernel path
 ---------------
 When the kernel switch (``minimoe.kernel_switch``) chooses "triton" and the tensors can run
 Triton (CUDA, or the CPU under ``TRITON_INTERPRET=1``), the activation quantiser is
-``minimoe.kernels.fp8_quant.act_quant`` and the GEMMs are ``minimoe.kernels.fp8_gemm.fp8_gemm``
-(for e4m3 operands; e5m2 gradients take the reference path). Weights are quantised by the
-PyTorch code here in both cases. The numbers are those of the reference up to float32
-summation order.
+``minimoe.kernels.fp8_quant.act_quant`` (gradients with their own amax floor) and all three
+GEMMs are ``minimoe.kernels.fp8_gemm.fp8_gemm`` (for e4m3 operands; e5m2 gradients take the
+reference path): Fprop and Dgrad with 128x128 weight blocks, Wgrad with the row-tiled x^T
+as its second operand; the grouped product launches one GEMM per expert. Weights are
+quantised by the PyTorch code here in both cases. The choice in effect during the forward
+is remembered for the backward, which runs outside the model's ``use_kernels`` context.
+The numbers are those of the reference up to float32 summation order
+(``tests/test_kernels_fp8.py``); only non-finite input differs: the kernel path returns NaN
+where the reference raises.
 
 What the reader should notice
 -----------------------------
