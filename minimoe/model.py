@@ -223,6 +223,10 @@ class Transformer(nn.Module):
         self.apply(self._init_weights)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
+        if cfg.fp8:  # FP8 GEMMs in the experts and attention projections (DeepSeek-V3 §3.3)
+            from minimoe import fp8
+
+            fp8.convert_to_fp8(self)
 
     def _init_weights(self, module: nn.Module) -> None:
         """N(0, initializer_range) for every matrix, zeros for biases, ones for norms."""

@@ -46,7 +46,6 @@ import torch
 from safetensors.torch import load_model, save_model
 
 from minimoe import data as data_lib
-from minimoe import fp8
 from minimoe.config import ModelConfig
 from minimoe.model import Transformer
 
@@ -157,9 +156,7 @@ def load_checkpoint(out_dir: str, device: torch.device | str = "cpu") -> Transfo
             raise FileNotFoundError(f"checkpoint file missing: {path}")
     with open(config_path) as handle:
         cfg = ModelConfig.from_dict(json.load(handle))
-    model = Transformer(cfg)
-    if cfg.fp8:  # same parameter names either way; FP8 layers before loading
-        fp8.convert_to_fp8(model)
+    model = Transformer(cfg)  # cfg.fp8: FP8 layers, same parameter names
     missing, unexpected = load_model(model, weights_path, strict=True)
     return model.to(device)
 
@@ -217,9 +214,7 @@ def train(args: TrainArgs, on_step: Optional[Callable[[dict], None]] = None):
         start_step, history = state["step"], state["history"]
     else:
         cfg = ModelConfig.preset(args.preset, **args.config_overrides)
-        model = Transformer(cfg).to(device)
-        if cfg.fp8:  # FP8 GEMMs for experts and attention projections (DeepSeek-V3 §3.3)
-            fp8.convert_to_fp8(model)
+        model = Transformer(cfg).to(device)  # cfg.fp8 converts the GEMMs to FP8 (minimoe.fp8)
     model.gradient_checkpointing = args.grad_checkpointing
     optimizer = make_optimizer(model, args)
     if args.resume and checkpoint_exists:

@@ -189,6 +189,18 @@ def test_convert_to_fp8_keeps_the_right_modules_high_precision(toy_pair):
     assert all(p.dtype == torch.float32 for p in model8.parameters())  # master weights
 
 
+def test_config_fp8_builds_the_converted_model(toy_pair):
+    _, model8, _ = toy_pair  # seed 0, converted after building
+    torch.manual_seed(0)
+    built = Transformer(ModelConfig.preset("toy", fp8=True))  # converted while building
+    assert isinstance(built.layers[1].self_attn.o_proj, Fp8Linear)
+    assert built.layers[1].mlp.experts.fp8_recipe == Fp8Recipe()
+    assert type(built.lm_head) is nn.Linear
+    state, state8 = built.state_dict(), model8.state_dict()
+    assert state.keys() == state8.keys()
+    assert all(torch.equal(state[key], state8[key]) for key in state)
+
+
 def test_convert_to_fp8_leaves_the_random_state_alone():
     torch.manual_seed(1)
     model = Transformer(ModelConfig.preset("toy", num_hidden_layers=2))
