@@ -82,7 +82,7 @@ def main(argv=None) -> int:
     speculative_generate(model, prompts[0][1], 8)
 
     rows = variants(D, options.gate)
-    seconds = defaultdict(list)  # name -> one total per repeat
+    seconds = defaultdict(list)  # name (or (name, domain)) -> one total per repeat
     tokens_per_forward = defaultdict(list)
     first = defaultdict(lambda: [0, 0])  # (name, domain) -> [accepted, proposed] first drafts
     for _ in range(options.repeats):
@@ -90,12 +90,16 @@ def main(argv=None) -> int:
         for domain, prompt in prompts:
             started = clock()
             reference = model.generate(prompt, n)
-            totals["plain"] += clock() - started
+            elapsed = clock() - started
+            totals["plain"] += elapsed
+            totals["plain", domain] += elapsed
             for name, drafts, gate in rows:
                 started = clock()
                 ids, stats = speculative_generate(model, prompt, n, num_draft_tokens=drafts,
                                                   min_draft_confidence=gate)
-                totals[name] += clock() - started
+                elapsed = clock() - started
+                totals[name] += elapsed
+                totals[name, domain] += elapsed
                 assert torch.equal(ids, reference), "speculative output differs from greedy"
                 tokens_per_forward[name].append(stats.tokens_per_forward)
                 first[name, domain][0] += stats.accepted[0]
@@ -117,11 +121,15 @@ def main(argv=None) -> int:
         print(f"| {name} | {generated / total:.1f} | {plain / total:.2f}x | "
               f"{statistics.mean(tokens_per_forward[name]):.2f} | {accepted / proposed:.3f} |")
     name = rows[0][0]  # one draft: the acceptance of module 1, domain by domain
-    print(f"\nfirst-draft acceptance by domain ({name}):")
-    print("| " + " | ".join(by_domain) + " |")
-    print("|" + "---:|" * len(by_domain))
-    print("| " + " | ".join(f"{first[name, d][0] / max(1, first[name, d][1]):.3f}"
-                            for d in by_domain) + " |")
+    print(f"\nby domain: first-draft acceptance ({name}) and speed-up of each decoding")
+    print("| | " + " | ".join(by_domain) + " |")
+    print("|---|" + "---:|" * len(by_domain))
+    print("| first-draft acceptance | " + " | ".join(
+        f"{first[name, d][0] / max(1, first[name, d][1]):.3f}" for d in by_domain) + " |")
+    for name, _, _ in rows:
+        print(f"| {name} | " + " | ".join(
+            f"{statistics.median(seconds['plain', d]) / statistics.median(seconds[name, d]):.2f}x"
+            for d in by_domain) + " |")
     return 0
 
 
