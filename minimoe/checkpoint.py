@@ -278,6 +278,51 @@ def read_tensor(handle, name: str, file_name: str) -> torch.Tensor:
                          f"names it there): {type(error).__name__}: {error}") from error
 
 
+def read_weight(handle_of, name: str, file_name: str, weight_map: dict[str, str],
+                block: tuple[int, int], dtype: torch.dtype, scale_fmt: Optional[str] = None,
+                caller: str = "load_pretrained") -> tuple[torch.Tensor, int]:
+    """Tensor ``name`` of shard ``file_name``, a block-FP8 weight dequantised into ``dtype``.
+
+    handle_of(shard file, tensor name) -> that shard's open ``safe_open`` handle (the scale
+    ``name + "_scale_inv"`` may lie in another shard than its weight). A weight with a scale
+    comes back as ``dequantize_fp8_blocks``; an FP8 tensor without one is an error naming it.
+    Every other tensor is returned as read. Returns (tensor, bytes read from the file).
+    caller: the operation named in error messages.
+    """
+    tensor = read_tensor(handle_of(file_name, name), name, file_name)
+    nbytes = tensor.numel() * tensor.element_size()
+    scale_name = name + "_scale_inv"
+    if scale_name in weight_map:
+        scale_file = weight_map[scale_name]
+        scale = read_tensor(handle_of(scale_file, scale_name), scale_name, scale_file)
+        nbytes += scale.numel() * scale.element_size()
+        tensor = dequantize_fp8_blocks(tensor, scale, block, dtype, scale_fmt,
+                                       f"{scale_name} (in {scale_file})")
+    elif tensor.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+        raise KeyError(f"{caller}: {name} (in {file_name}) is {tensor.dtype} but the "
+                       f"checkpoint has no {scale_name}")
+    return tensor, nbytes
+
+
+def shard_handles(folder: str, file_name: str, handle):
+    """``handle_of`` for ``read_weight`` while shard ``file_name`` is open as ``handle``: that
+    handle for its own tensors; a scale stored in another shard opens that shard."""
+    def handle_of(shard: str, tensor_name: str):
+        return handle if shard == file_name else open_shard(folder, shard, tensor_name)
+    return handle_of
+
+
+def check_scale_format(quantization_config: dict, config_path: str,
+                       caller: str = "load_pretrained") -> Optional[str]:
+    """quantization_config.scale_fmt: None (V3: float32 scales) or "ue8m0" (V3.1); any other
+    value is an error naming config_path."""
+    scale_fmt = quantization_config.get("scale_fmt")
+    if scale_fmt not in (None, "ue8m0"):
+        raise ValueError(f"{caller}: quantization_config.scale_fmt {scale_fmt!r} in "
+                         f"{config_path} is not known; expected none or 'ue8m0'")
+    return scale_fmt
+
+
 # ---------------------------------------------------------------------------------------------
 # FP8 blocks and RoPE rows
 # ---------------------------------------------------------------------------------------------
@@ -431,10 +476,7 @@ def load_pretrained(path_or_repo_id: str | os.PathLike, dtype: Optional[torch.dt
     device = torch.device(device)
     quant = hf.get("quantization_config") or {}
     block = tuple(quant.get("weight_block_size", (128, 128)))
-    scale_fmt = quant.get("scale_fmt")  # None (V3: float32 scales) or "ue8m0" (V3.1)
-    if scale_fmt not in (None, "ue8m0"):
-        raise ValueError(f"load_pretrained: quantization_config.scale_fmt {scale_fmt!r} in "
-                         f"{config_path} is not known; expected none or 'ue8m0'")
+    scale_fmt = check_scale_format(quant, config_path)  # None (V3) or "ue8m0" (V3.1)
     interleaved = _rope_is_interleaved(hf)
 
     # 1. the module tree without storage: every tensor will come from the file
@@ -488,17 +530,10 @@ def load_pretrained(path_or_repo_id: str | os.PathLike, dtype: Optional[torch.dt
         by_file.setdefault(weight_map[name], []).append(name)
     for file_name in sorted(by_file):
         with open_shard(folder, file_name, by_file[file_name][0]) as handle:
+            handle_of = shard_handles(folder, file_name, handle)
             for name in by_file[file_name]:
-                tensor = read_tensor(handle, name, file_name)
-                scale_name = name + "_scale_inv"
-                if scale_name in weight_map:
-                    with open_shard(folder, weight_map[scale_name], scale_name) as scale_file:
-                        scale = read_tensor(scale_file, scale_name, weight_map[scale_name])
-                        tensor = dequantize_fp8_blocks(tensor, scale, block, dtype, scale_fmt,
-                                                       f"{scale_name} (in {weight_map[scale_name]})")
-                elif tensor.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
-                    raise KeyError(f"load_pretrained: {name} (in {file_name}) is {tensor.dtype} "
-                                   f"but the checkpoint has no {scale_name}")
+                tensor, _ = read_weight(handle_of, name, file_name, weight_map, block, dtype,
+                                        scale_fmt)
                 minimoe_name, expert = plan[name]
                 _place(name, file_name, tensor, minimoe_name, expert, targets, loaded,
                        filled_experts, cfg, dtype, device, interleaved)
@@ -528,7 +563,7 @@ def load_pretrained(path_or_repo_id: str | os.PathLike, dtype: Optional[torch.dt
         from minimoe.offload import attach_offloaded_experts
 
         attach_offloaded_experts(model, folder, weight_map, expert_plan, expert_cache_size,
-                                 dtype, device, block)
+                                 dtype, device, block, scale_fmt)
     still_meta = [n for n, t in list(model.named_parameters()) + list(model.named_buffers())
                   if t.is_meta]
     if still_meta:

@@ -330,8 +330,8 @@ def convert_fp8_to_bf16(source: str | os.PathLike, destination: str | os.PathLik
 
     from safetensors.torch import save_file
 
-    from minimoe.checkpoint import (checkpoint_weight_map, dequantize_fp8_blocks, open_shard,
-                                    read_tensor)
+    from minimoe.checkpoint import (_read_json, check_scale_format, checkpoint_weight_map,
+                                    open_shard, read_weight, shard_handles)
 
     source, destination = os.fspath(source), os.fspath(destination)
     if os.path.abspath(source) == os.path.abspath(destination):
@@ -339,10 +339,10 @@ def convert_fp8_to_bf16(source: str | os.PathLike, destination: str | os.PathLik
     config_path = os.path.join(source, "config.json")
     if not os.path.exists(config_path):
         raise FileNotFoundError(f"convert fp8-to-bf16: no config.json in {source}")
-    with open(config_path) as handle:
-        config = json.load(handle)
+    config = _read_json(config_path)
     quant = config.pop("quantization_config", None) or {}
     block = tuple(quant.get("weight_block_size", (128, 128)))
+    scale_fmt = check_scale_format(quant, config_path, "convert fp8-to-bf16")
     weight_map = checkpoint_weight_map(source)
     scales = {n for n in weight_map if n.endswith(".weight_scale_inv")}
     if not scales:
@@ -361,17 +361,11 @@ def convert_fp8_to_bf16(source: str | os.PathLike, destination: str | os.PathLik
     for file_name in sorted(by_file):
         out: dict[str, torch.Tensor] = {}
         with open_shard(source, file_name, by_file[file_name][0]) as handle:
+            handle_of = shard_handles(source, file_name, handle)
             for name in by_file[file_name]:
-                tensor = read_tensor(handle, name, file_name)
-                scale_name = name + "_scale_inv"
-                if scale_name in scales:
-                    with open_shard(source, weight_map[scale_name], scale_name) as scale_file:
-                        scale = read_tensor(scale_file, scale_name, weight_map[scale_name])
-                    tensor = dequantize_fp8_blocks(tensor, scale, block, dtype)
-                    dequantised += 1
-                elif tensor.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
-                    raise KeyError(f"convert fp8-to-bf16: {name} (in {file_name}) is "
-                                   f"{tensor.dtype} but has no {scale_name}")
+                tensor, _ = read_weight(handle_of, name, file_name, weight_map, block, dtype,
+                                        scale_fmt, "convert fp8-to-bf16")
+                dequantised += name + "_scale_inv" in scales
                 out[name] = tensor.contiguous()
                 total += tensor.numel() * tensor.element_size()
                 new_map[name] = file_name

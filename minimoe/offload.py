@@ -62,7 +62,7 @@ class ExpertStore:
     def __init__(self, folder: str, weight_map: dict[str, str],
                  sources: dict[tuple[str, int], dict[str, tuple[str, str]]], capacity: int,
                  dtype: torch.dtype, device: torch.device,
-                 block: tuple[int, int] = (128, 128)) -> None:
+                 block: tuple[int, int] = (128, 128), scale_fmt: Optional[str] = None) -> None:
         if capacity < 1:
             raise ValueError(f"expert_cache_size must be >= 1 (experts), got {capacity}")
         self.folder = folder
@@ -72,6 +72,7 @@ class ExpertStore:
         self.dtype = dtype
         self.device = device
         self.block = block
+        self.scale_fmt = scale_fmt  # quantization_config.scale_fmt: None or "ue8m0"
         self.cache: OrderedDict = OrderedDict()  # (module, expert) -> (gate, up, down)
         self.handles: dict[str, object] = {}  # shard file -> open safe_open handle
         self.hits = self.misses = self.evictions = self.bytes_loaded = 0
@@ -87,16 +88,12 @@ class ExpertStore:
         return self.handles[file_name]
 
     def _read(self, tensor_name: str, file_name: str) -> torch.Tensor:
-        from minimoe.checkpoint import dequantize_fp8_blocks, read_tensor
+        from minimoe.checkpoint import read_weight
 
-        tensor = read_tensor(self._handle(file_name, tensor_name), tensor_name, file_name)
-        self.bytes_loaded += tensor.numel() * tensor.element_size()
-        scale_name = tensor_name + "_scale_inv"
-        if scale_name in self.weight_map:
-            scale_file = self.weight_map[scale_name]
-            scale = read_tensor(self._handle(scale_file, scale_name), scale_name, scale_file)
-            self.bytes_loaded += scale.numel() * scale.element_size()
-            tensor = dequantize_fp8_blocks(tensor, scale, self.block, self.dtype)
+        tensor, nbytes = read_weight(self._handle, tensor_name, file_name, self.weight_map,
+                                     self.block, self.dtype, self.scale_fmt,
+                                     "load_pretrained(offload_experts=True)")
+        self.bytes_loaded += nbytes
         return tensor.to(device=self.device, dtype=self.dtype, copy=True)  # own aligned memory
 
     def shape(self, tensor_name: str, file_name: str) -> tuple:
@@ -168,7 +165,8 @@ class OffloadedExperts(nn.Module):
 def attach_offloaded_experts(model: nn.Module, folder: str, weight_map: dict[str, str],
                              expert_plan: dict[str, tuple[str, int]], capacity: int,
                              dtype: torch.dtype, device: torch.device,
-                             block: tuple[int, int]) -> ExpertStore:
+                             block: tuple[int, int],
+                             scale_fmt: Optional[str] = None) -> ExpertStore:
     """Replace every RoutedExperts of ``model`` by an OffloadedExperts reading from disk.
 
     expert_plan: {checkpoint tensor name: (stacked minimoe name "….experts.gate_proj", expert)}
@@ -183,7 +181,7 @@ def attach_offloaded_experts(model: nn.Module, folder: str, weight_map: dict[str
         module_name, projection = stacked.rsplit(".", 1)
         sources.setdefault((module_name, expert), {})[projection] = (
             tensor_name, weight_map[tensor_name])
-    store = ExpertStore(folder, weight_map, sources, capacity, dtype, device, block)
+    store = ExpertStore(folder, weight_map, sources, capacity, dtype, device, block, scale_fmt)
     for module_name, module in list(model.named_modules()):
         if not isinstance(module, RoutedExperts):
             continue

@@ -191,3 +191,21 @@ def test_convert_fp8_to_bf16(tmp_path):
 
     with pytest.raises(ValueError, match="no \\*.weight_scale_inv"):
         convert_fp8_to_bf16(out, tmp_path / "again")
+
+    # quantization_config.scale_fmt holds for every reader: "ue8m0" scales must be powers of
+    # two (these are amax / 448), an unknown format is refused
+    config["quantization_config"]["scale_fmt"] = "ue8m0"
+    (source / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"weight_scale_inv \(in model-\d+-of-\d+\.safetensors\)"
+                                         r".*not a positive power of two"):
+        convert_fp8_to_bf16(source, tmp_path / "ue8m0")
+    offloaded.expert_store.scale_fmt = "ue8m0"
+    offloaded.expert_store.cache.clear()
+    with pytest.raises(ValueError, match=r"experts\.\d+\.\w+_proj\.weight_scale_inv.*power of two"):
+        with torch.no_grad():
+            offloaded(ids)
+    config["quantization_config"]["scale_fmt"] = "e5m2"
+    (source / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"convert fp8-to-bf16: quantization_config\.scale_fmt "
+                                         r"'e5m2' in .*config\.json is not known"):
+        convert_fp8_to_bf16(source, tmp_path / "e5m2")
