@@ -142,10 +142,13 @@ def _count_kernel(
     CHUNK:            constexpr, slots per program
     E_PAD:            constexpr, next power of two >= num_experts (columns of the counts)
     """
-    # 1. this chunk's slots and their experts (-1 past the end: matches no column)
+    # 1. this chunk's slots and their experts; -1 past the end and outside [0, E_PAD), decided
+    #    before the int32 cast (which would wrap an int64 index >= 2**31 onto a real expert)
     chunk = tl.program_id(0)
     slots = chunk * CHUNK + tl.arange(0, CHUNK)
-    expert = tl.load(EXPERT_ptr + slots, mask=slots < num_slots, other=-1).to(tl.int32)  # read CHUNK
+    index = tl.load(EXPERT_ptr + slots, mask=slots < num_slots, other=-1)  # read CHUNK
+    inside = (slots < num_slots) & (index >= 0) & (index < E_PAD)
+    expert = tl.where(inside, index, -1).to(tl.int32)  # -1 matches no column
 
     # 2. one-hot (CHUNK, E_PAD) summed over the slots: the chunk's histogram
     columns = tl.arange(0, E_PAD)
@@ -240,8 +243,9 @@ def _scatter_kernel(
     chunk = tl.program_id(0)
     local = tl.arange(0, CHUNK)
     slots = chunk * CHUNK + local
-    expert = tl.load(EXPERT_ptr + slots, mask=slots < num_slots, other=-1).to(tl.int32)  # read CHUNK
-    valid = (slots < num_slots) & (expert >= 0) & (expert < num_experts)
+    index = tl.load(EXPERT_ptr + slots, mask=slots < num_slots, other=-1)  # read CHUNK
+    valid = (slots < num_slots) & (index >= 0) & (index < num_experts)  # before the int32 cast
+    expert = tl.where(valid, index, -1).to(tl.int32)
 
     # 2. rank inside the chunk: earlier slots of the same chunk with the same expert
     same = (expert[:, None] == expert[None, :]) & (local[None, :] < local[:, None])  # (CHUNK, CHUNK)

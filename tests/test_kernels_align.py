@@ -102,6 +102,7 @@ def test_out_of_range_slots_are_skipped():
     topk_idx = routing("uniform", 40, 2, 6, seed=3)
     topk_idx[::3, 0] = 6  # "masked" slots
     topk_idx[5, 1] = -1
+    topk_idx[7, 1] = 2**32 + 1  # wraps to expert 1 if cast to int32 before the range check
     sorted_ids, expert_ids, total = moe_align_block_size(topk_idx, 6, 8)
     kept = topk_idx.clone()
     kept[(kept < 0) | (kept >= 6)] = 1000  # any index outside [0, E): skipped
