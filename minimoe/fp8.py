@@ -293,10 +293,16 @@ def _check_amax_floor(amax_floor: float) -> None:
 
 def _scale_from_amax(amax: torch.Tensor, scale_fmt: str, fmt: str = "e4m3",
                      amax_floor: float = AMAX_FLOOR) -> torch.Tensor:
-    """s = max(amax, floor) / fmt_max, or that rounded up to a power of two (ue8m0)."""
+    """s = max(amax, floor) / fmt_max, or that rounded up to a power of two (ue8m0).
+
+    The rounding works on the exact exponent (frexp: s = m 2^e, 0.5 <= m < 1), not on
+    log2(s): a float32 log2 of a scale a few ulps above 2^k rounds to exactly k, and
+    ceil(k) = k would round such a scale *down*, pushing the tile's amax past the format's max.
+    """
     scale = amax.float().clamp_min(amax_floor) / FORMAT_MAX[fmt]
     if scale_fmt == "ue8m0":
-        scale = torch.exp2(torch.ceil(torch.log2(scale)))
+        mantissa, exponent = torch.frexp(scale)
+        scale = torch.where(mantissa == 0.5, scale, torch.exp2(exponent.float()))
     return scale
 
 
@@ -366,9 +372,9 @@ def _quantize_blocks(w: torch.Tensor, scale_fmt: str, fmt: str):
     """w (..., N, K) -> q (..., N, K), scale (..., ceil(N/128), ceil(K/128)); checked input."""
     *lead, N, K = w.shape
     nbn, nbk = _n_blocks(N), _n_blocks(K)
-    if w.numel() == 0:
+    if w.numel() == 0:  # every block is empty: the floor's scale, in the chosen scale format
         return (torch.empty(w.shape, dtype=FORMATS[fmt], device=w.device),
-                torch.full((*lead, nbn, nbk), AMAX_FLOOR / FORMAT_MAX[fmt], device=w.device))
+                _scale_from_amax(torch.zeros((*lead, nbn, nbk), device=w.device), scale_fmt, fmt))
     w_pad = F.pad(w.float(), (0, nbk * BLOCK - K, 0, nbn * BLOCK - N))  # (..., nbn*128, nbk*128)
     blocks = w_pad.reshape(-1, nbn, BLOCK, nbk, BLOCK)  # (L, nbn, 128, nbk, 128)
     scale = _scale_from_amax(blocks.abs().amax(dim=(2, 4)), scale_fmt, fmt)  # (L, nbn, nbk)

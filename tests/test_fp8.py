@@ -71,6 +71,23 @@ def test_ue8m0_scales_are_powers_of_two():
     assert bool((scale[:, :7] >= amax / 448).all() and (scale[:, :7] < 2 * amax / 448).all())
 
 
+@pytest.mark.parametrize("exponent", [-12, -8, 0, 5, 9])
+def test_ue8m0_rounds_up_just_above_a_power_of_two(exponent):
+    """amax / 448 one float32 ulp above 2^k must give 2^(k+1); exactly 2^k gives 2^k.
+
+    (A float32 log2 of such a scale rounds to exactly k for most k, so ceil(log2) would
+    round it down.)"""
+    top = torch.tensor(448 * 2.0 ** exponent)
+    x = torch.zeros(2, 128)
+    x[0, 3] = torch.nextafter(top, torch.tensor(float("inf")))  # amax / 448 = 2^k (1 + 2^-23)
+    x[1, 3] = top
+    q, scale = quantize_act_1x128(x, "ue8m0")
+    assert scale[:, 0].tolist() == [2.0 ** (exponent + 1), 2.0 ** exponent]
+    assert q[0, 3].float().item() == 224.0 and q[1, 3].float().item() == 448.0
+    _, scale_inv = quantize_weight_128x128(x[:1], "ue8m0")
+    assert scale_inv.item() == 2.0 ** (exponent + 1)
+
+
 @pytest.mark.parametrize("scale_fmt", ["fp32", "ue8m0"])
 def test_weight_128x128_edge_blocks(scale_fmt):
     w = torch.randn(300, 200) * 0.02

@@ -55,6 +55,19 @@ def test_act_quant_matches_reference(shape, scale_fmt):
     assert_same_fp8(q, q_ref)
 
 
+def test_act_quant_ue8m0_rounds_up_one_ulp_above_a_power_of_two():
+    """Row r's amax / 448 is 2^k exactly, or one float32 ulp above it: 2^k, or 2^(k+1)."""
+    exponents = torch.tensor([-12.0, -8.0, 0.0, 5.0, 9.0])
+    top = 448 * torch.exp2(exponents)  # (5,)
+    x = torch.zeros(10, 128)
+    x[0::2, 7] = top
+    x[1::2, 7] = torch.nextafter(top, torch.full_like(top, float("inf")))
+    _, scale = act_quant(x, "ue8m0")
+    expected = torch.exp2(torch.stack([exponents, exponents + 1], dim=1).flatten())  # (10,)
+    assert torch.equal(scale[:, 0], expected)
+    assert torch.equal(scale, fp8.quantize_act_1x128(x, "ue8m0")[1])
+
+
 def test_act_quant_rounds_every_e4m3_value_and_midpoint_like_torch():
     """Ties go to even, carries cross powers of two, subnormals round, 448 is kept.
 
