@@ -488,9 +488,17 @@ def load_lora(model: nn.Module, path: str, quantize_base: Optional[str] = None) 
             raise FileNotFoundError(f"LoRA adapter file missing: {needed}")
     with open(config_path) as handle:
         config = json.load(handle)
+    for field in ("rank", "alpha", "targets"):
+        if field not in config:
+            raise KeyError(f"{config_path} lacks the field {field!r} (written by save_lora)")
     if not lora_modules(model):
         add_lora(model, rank=config["rank"], alpha=config["alpha"], targets=config["targets"],
                  dropout=config.get("dropout", 0.0), quantize_base=quantize_base)
+    for name, module in lora_modules(model).items():  # adapters the model had already
+        for field in ("rank", "alpha"):  # alpha / rank scales B A: a mismatch changes the model
+            if getattr(module, field) != config[field]:
+                raise ValueError(f"{config_path} says {field}={config[field]!r}, but the "
+                                 f"model's adapter {name} has {field}={getattr(module, field)!r}")
     saved = load_file(weights_path)
     expected = lora_state_dict(model)
     missing, unexpected = sorted(set(expected) - set(saved)), sorted(set(saved) - set(expected))

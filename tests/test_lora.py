@@ -258,7 +258,11 @@ def test_save_load_round_trip(tmp_path):
     assert torch.equal(restored(ids[:, :-1]).logits, model(ids[:, :-1]).logits)
 
     other = lora.add_lora(tiny_model(), rank=2, targets=("attention", "dense_mlp"))
-    with pytest.raises(ValueError, match="shape"):
+    with pytest.raises(ValueError, match="rank=4.*has rank=2"):
+        lora.load_lora(other, tmp_path / "adapter")
+    # same shapes, another alpha: the adapters would be scaled by alpha / rank = 2, not 1
+    other = lora.add_lora(tiny_model(), rank=4, alpha=8, targets=("attention", "dense_mlp"))
+    with pytest.raises(ValueError, match="alpha=4.*has alpha=8"):
         lora.load_lora(other, tmp_path / "adapter")
     with pytest.raises(FileNotFoundError, match="adapter_config.json"):
         lora.load_lora(tiny_model(), tmp_path / "nowhere")
