@@ -201,9 +201,11 @@ def command_chat(options: argparse.Namespace, stdin=None) -> int:
         messages.append({"role": "user", "content": text})
         input_ids = _check_ids(tokenizer.apply_chat_template(messages), model)
         if input_ids.shape[1] + options.max_new_tokens > model.cfg.max_position_embeddings:
-            raise ValueError(f"the conversation ({input_ids.shape[1]} tokens) + max_new_tokens "
-                             f"exceeds max_position_embeddings "
-                             f"({model.cfg.max_position_embeddings}); /reset to start over")
+            messages.pop()  # the message is not answered; the conversation goes on without it
+            print(f"minimoe chat: the conversation ({input_ids.shape[1]} tokens) + "
+                  f"max_new_tokens ({options.max_new_tokens}) exceeds max_position_embeddings "
+                  f"({model.cfg.max_position_embeddings}); /reset to start over", file=sys.stderr)
+            continue
         start = time.perf_counter()
         new, _ = _sample(model, input_ids, options, tokenizer.eos_token_id)
         reply = tokenizer.decode(new, skip_special_tokens=True)

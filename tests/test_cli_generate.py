@@ -115,6 +115,13 @@ def test_chat_reads_stdin_and_keeps_the_conversation(checkpoint, capsys, monkeyp
     assert out == "".join(reply + "\n" for reply in replies)
     assert replies[0] == replies[2]  # /reset really forgot the first exchange
 
+    # a message too long for max_position_embeddings is refused and the chat goes on
+    monkeypatch.setattr("sys.stdin", io.StringIO("hello " * 300 + "\nhello\n"))
+    code, out, err = _run(["chat", checkpoint, "--temperature", 0, "--max-new-tokens", 8,
+                           "--system", "Be brief."], capsys)
+    assert code == 0 and "exceeds max_position_embeddings (256)" in err
+    assert out == replies[0] + "\n"
+
 
 def test_clear_errors(checkpoint, tmp_path, capsys):
     code, _, err = _run(["generate", tmp_path / "nothing-here", "--prompt", "x"], capsys)
