@@ -87,6 +87,8 @@ import triton.language as tl
 
 from minimoe.kernels.moe_align import align_with_segments
 
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # x and the weights: tl.dot operands
+
 
 # ----------------------------------------------------------------------------------------------
 # Forward kernels
@@ -644,8 +646,9 @@ def fused_moe(
     """sum_j w_{t,j} * SwiGLU_{idx_{t,j}}(x_t) with Triton grouped GEMMs; differentiable.
 
     x (N, C); topk_idx (N, k) integer; topk_weight (N, k) float; gate_proj, up_proj (E, I, C)
-    and down_proj (E, C, I) in x's dtype (``RoutedExperts`` layout); mask (N, k) bool or
-    None: slot (t, j) is computed iff mask is None or mask[t, j], other slots contribute 0.
+    and down_proj (E, C, I) in x's dtype (``RoutedExperts`` layout); x float32, float16 or
+    bfloat16; mask (N, k) bool or None: slot (t, j) is computed iff mask is None or
+    mask[t, j], other slots contribute 0.
     Tensors on CUDA, or on the CPU under TRITON_INTERPRET=1. Returns (N, C) in
     promote(x.dtype, topk_weight.dtype), the same function as ``minimoe.moe.dispatch_sorted``.
     Gradients flow to x, topk_weight and the three weights.
@@ -665,6 +668,8 @@ def fused_moe(
         raise ValueError(f"up_proj {tuple(up_proj.shape)} must match gate_proj {(E, I, C)}")
     if down_proj.shape != (E, C, I):
         raise ValueError(f"down_proj must be (E, C, I) = {(E, C, I)}, got {tuple(down_proj.shape)}")
+    if x.dtype not in DTYPES:
+        raise ValueError(f"x must be one of {DTYPES} (the kernels' tl.dot operands), got {x.dtype}")
     for name, w in (("gate_proj", gate_proj), ("up_proj", up_proj), ("down_proj", down_proj)):
         if w.dtype != x.dtype:
             raise ValueError(f"{name} is {w.dtype}, but x is {x.dtype}: the kernels need one dtype")

@@ -320,11 +320,12 @@ def dispatch_sorted(
          (the weight multiplies h before W_d instead when I < C: same product)
     With kernels="triton" (``minimoe.kernel_switch``) and backend None, all five steps run as
     ``minimoe.kernels.fused_moe`` (aligned grouped GEMMs, gather and SwiGLU fused) when the
-    weights are in x's dtype and not FP8.
+    weights are in x's dtype, that dtype is float32, float16 or bfloat16, and not FP8.
     """
     _check_routing(x, topk_idx, topk_weight, experts, mask)
     kernel = kernel_switch.fused_moe_kernel(x) if backend is None else None
     if (kernel is not None and experts.gate_proj.dtype == x.dtype
+            and x.dtype in (torch.float32, torch.float16, torch.bfloat16)
             and getattr(experts, "fp8_recipe", None) is None):
         return kernel(x, topk_idx, topk_weight, experts.gate_proj, experts.up_proj,
                       experts.down_proj, mask=mask, check_indices=False)  # (N, C)

@@ -168,6 +168,33 @@ def test_bad_arguments():
         fused_moe(x, topk_idx, topk_weight[:, :1], g, u, d)
     with pytest.raises(ValueError, match="mask"):
         fused_moe(x, topk_idx, topk_weight, g, u, d, mask=torch.ones(5, 2))
+    with pytest.raises(ValueError, match="x must be one of .*float64"):  # tl.dot: no float64
+        fused_moe(x.double(), topk_idx, topk_weight, g.double(), u.double(), d.double())
+
+
+def test_no_tokens():
+    gen = torch.Generator().manual_seed(4)
+    experts = make_experts(4, 32, 16, torch.float32, gen)
+    x = torch.zeros(0, 32, requires_grad=True)
+    topk_weight = torch.zeros(0, 2, requires_grad=True)
+    out = kernel(x, torch.zeros(0, 2, dtype=torch.long), topk_weight, experts, None)
+    assert out.shape == (0, 32)
+    out.sum().backward()
+    assert x.grad.shape == (0, 32) and topk_weight.grad.shape == (0, 2)
+    assert (experts.gate_proj.grad == 0).all() and (experts.down_proj.grad == 0).all()
+
+
+def test_float64_model_runs_the_reference_dispatch():
+    """dispatch_sorted hands the kernel only the dtypes tl.dot takes; float64 stays exact."""
+    gen = torch.Generator().manual_seed(5)
+    experts = make_experts(4, 32, 16, torch.float64, gen)
+    x = torch.randn(9, 32, generator=gen, dtype=torch.float64)
+    topk_idx, topk_weight = routing("uniform", 9, 2, 4, gen)
+    with kernel_switch.use_kernels("triton"):
+        out = dispatch_sorted(x, topk_idx, topk_weight, experts)
+    want = dispatch_naive(x, topk_idx, topk_weight, experts)
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out, want, rtol=1e-12, atol=1e-12)
 
 
 # ------------------------------------------------------------------------------------------------
