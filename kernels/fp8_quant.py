@@ -13,7 +13,9 @@ exactly these two kernels, ``act_quant`` and ``weight_dequant``.
 
 The formulas (as in ``minimoe.fp8``), for a tile or block t:
 
-    amax   = max(max_{i in t} |x_i|, 1e-4)          the floor keeps an all-zero tile finite
+    amax   = max(max_{i in t} |x_i|, amax_floor)    the floor (1e-4 for activations, far
+                                                    smaller for gradients) keeps an all-zero
+                                                    tile's scale finite
     s      = amax / 448                            "fp32" scale format
     s      = 2^ceil(log2(amax / 448))              "ue8m0": a power of two (DeepSeek-V3.1)
     q_i    = e4m3(clamp(x_i / s, -448, 448))        x_i ~= q_i * s
@@ -29,6 +31,10 @@ What the reader should notice
   pattern (bump the exponent when the mantissa is non-zero): exact, unlike ``exp2(ceil(log2))``
   with a GPU's approximate ``log2``. A power-of-two scale makes dequantisation exact (only
   the exponent changes), which is why DeepSeek-V3.1 stores scales this way.
+* Both divisions (amax / 448 and x / s) are IEEE round-to-nearest (``tl.math.div_rn``):
+  Triton's plain ``/`` on float32 compiles to an approximate division on NVIDIA GPUs (up to
+  2 ulp), which would let a GPU's scales differ from torch's and could round a ue8m0 scale
+  the wrong way.
 * The division x / s and the clamp happen in float32; then ``_round_to_e4m3_grid`` rounds
   to the nearest e4m3 value (ties to even) in float32, so the final cast is exact. That
   shows what the cast does, and it makes Triton's interpreter agree with torch: the
@@ -130,7 +136,7 @@ def _act_quant_kernel(
 
     # 3. the tile's scale: amax / 448 with a floor, optionally a power of two
     amax = tl.maximum(tl.max(tl.abs(x), axis=0), amax_floor)
-    scale = amax / fp8_max
+    scale = tl.math.div_rn(amax, fp8_max)  # IEEE division: "/" is div.full.f32 (2 ulp) on GPUs
     if UE8M0:
         scale = _round_scale_up_to_power_of_two(scale)
     # a NaN or inf in the tile makes its scale NaN (max() skips a NaN, and an inf would give
@@ -140,7 +146,7 @@ def _act_quant_kernel(
     scale = tl.where(n_non_finite > 0, float("nan"), scale)
 
     # 4. divide, clamp to the format's range, round to e4m3 and store
-    y = _round_to_e4m3_grid(tl.clamp(x / scale, -fp8_max, fp8_max))
+    y = _round_to_e4m3_grid(tl.clamp(tl.math.div_rn(x, scale), -fp8_max, fp8_max))
     tl.store(Q_ptr + row * n_cols + cols, y.to(Q_ptr.dtype.element_ty), mask=mask)  # write 128 B
     tl.store(S_ptr + row * n_tiles + tile, scale)  # write 4 B
 
