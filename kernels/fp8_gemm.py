@@ -144,7 +144,9 @@ def fp8_gemm(a_q: torch.Tensor, a_scale: torch.Tensor, w_q: torch.Tensor,
     float32 (128x128 blocks, a checkpoint's ``weight_scale_inv``) or (N, ceil(K/128)) (1x128
     tiles of each row, as for Wgrad's second operand x^T). All contiguous, on one
     CUDA device with FP8 tensor cores (or the CPU under TRITON_INTERPRET=1). Returns
-    (..., N) float32: ``minimoe.fp8.fp8_matmul_reference`` up to float32 summation order.
+    (..., N) float32: ``minimoe.fp8.fp8_matmul_reference`` up to float32 summation order
+    (in the interpreter; on a GPU also up to the tensor cores' limited-precision accumulation
+    inside each 128-long K block, which the promotion bounds).
     """
     _check(a_q, "a_q", FP8_DTYPE)
     _check(a_scale, "a_scale", torch.float32)
