@@ -34,7 +34,6 @@ What the reader should notice
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from typing import Iterable, Optional
@@ -129,6 +128,7 @@ def download_checkpoint(repo_id: str, layers: Optional[Iterable[int]] = None,
     index_path = os.path.join(folder, INDEX_FILE)
     if not os.path.exists(index_path):
         return _snapshot(repo_id, ["*.safetensors"], revision)  # one model.safetensors
-    with open(index_path) as handle:
-        weight_map = json.load(handle)["weight_map"]
+    from minimoe.checkpoint import checkpoint_weight_map
+
+    weight_map = checkpoint_weight_map(folder)  # a malformed index is an error naming it
     return _snapshot(repo_id, needed_shards(weight_map, layers), revision)

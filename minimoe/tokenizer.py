@@ -157,8 +157,14 @@ def load_tokenizer(folder: str | os.PathLike) -> Tokenizer:
     config_path = os.path.join(folder, "tokenizer_config.json")
     config = {}
     if os.path.exists(config_path):
-        with open(config_path, encoding="utf-8") as handle:
-            config = json.load(handle)
+        try:
+            with open(config_path, encoding="utf-8") as handle:
+                config = json.load(handle)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{config_path} is not valid JSON: {error}") from error
+        if not isinstance(config, dict):
+            raise ValueError(f"{config_path} holds a JSON {type(config).__name__}, expected "
+                             "an object")
     tokenizer = Tokenizer(backend, config, _read_chat_template(folder, config), folder)
     for field in ("bos_token", "eos_token"):
         token = getattr(tokenizer, field)

@@ -112,6 +112,16 @@ def test_download_without_index_fetches_the_single_file(tmp_path, monkeypatch):
     assert os.path.exists(os.path.join(folder, "model.safetensors"))
 
 
+def test_malformed_index_is_named(tmp_path, monkeypatch):
+    remote = tmp_path / "remote"
+    remote.mkdir()
+    (remote / "config.json").write_text("{}")
+    (remote / "model.safetensors.index.json").write_text('{"metadata": {}}')
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", _fake_hub(remote, []))
+    with pytest.raises(ValueError, match=r"model\.safetensors\.index\.json has no 'weight_map'"):
+        hub.download_checkpoint("someone/broken", layers=[0])
+
+
 def test_offline_gives_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)

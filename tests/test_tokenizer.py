@@ -79,6 +79,9 @@ def test_missing_and_inconsistent_files(tmp_path):
     (tmp_path / "plain" / "tokenizer_config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match=r"eos_token '<\|im_end\|>' is not in the vocabulary"):
         load_tokenizer(tmp_path / "plain")
+    (tmp_path / "plain" / "tokenizer_config.json").write_text("{truncated")
+    with pytest.raises(ValueError, match=r"plain/tokenizer_config\.json is not valid JSON"):
+        load_tokenizer(tmp_path / "plain")
     (tmp_path / "plain" / "tokenizer.json").write_text("{not json")
     with pytest.raises(ValueError, match="not a valid tokenizers file"):
         load_tokenizer(tmp_path / "plain")
