@@ -2,7 +2,7 @@
 
 Its CPU path runs each kernel against its reference through Triton's interpreter
 (TRITON_INTERPRET=1, set before triton is imported), writes a CSV and a markdown table and
-exits 0. The GPU code path (timing rows, derived columns, figures) is run on tiny CPU shapes
+exits 0 (1 when a check fails). The GPU code path (timing rows, derived columns, figures) is run on tiny CPU shapes
 with made-up device peaks, so that a GPU run does not meet its first bug on the GPU.
 """
 
@@ -48,6 +48,14 @@ def test_quick_cpu_run_checks_every_kernel(tmp_path, monkeypatch, capsys):
         assert float(by_kernel[name]["max_abs_err"]) < 1e-5
     moe = by_kernel["moe_fwd+bwd"]
     assert moe["passed"] == "True" or (moe["passed"] == "" and "unavailable" in moe["note"]), moe
+
+
+def test_a_failed_correctness_check_is_the_exit_status(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    failing = bench._row(section="correctness", kernel="router", impl="triton", passed=False)
+    monkeypatch.setattr(bench, "cpu_rows", lambda args: [failing])
+    assert bench.main(["--quick", "--out", str(tmp_path)]) == 1
+    assert "1 correctness check(s) FAILED: router" in capsys.readouterr().out
 
 
 def test_without_the_interpreter_it_times_the_reference(monkeypatch, capsys):

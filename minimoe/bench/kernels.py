@@ -56,8 +56,8 @@ roofline and a speed-up figure (default figures/kernels_roofline.png, kernels_sp
 Without a CUDA GPU the suite says so and checks correctness only: under TRITON_INTERPRET=1
 (set before starting Python) it runs each kernel against its reference on small CPU shapes;
 without it it says that the interpreter is needed and times the reference code on the CPU at
-tiny sizes. It writes kernels_bench_cpu.{csv,md} (never overwriting the GPU results), prints
-the table and exits 0.
+tiny sizes. It writes kernels_bench_cpu.{csv,md} (never overwriting the GPU results) and
+prints the table. The exit status is 1 when a correctness check failed (GPU or CPU), else 0.
 """
 
 from __future__ import annotations
@@ -836,6 +836,7 @@ def main(argv=None) -> int:
     failed = [r for r in rows if r["section"] == "correctness" and r["passed"] is False]
     if failed:
         print(f"{len(failed)} correctness check(s) FAILED: " + ", ".join(r["kernel"] for r in failed))
+        return 1
     return 0
 
 
