@@ -340,7 +340,12 @@ def quantize_act_1x128(x: torch.Tensor, scale_fmt: str = "fp32", fmt: str = "e4m
     with x[..., k] ~= q[..., k] * scale[..., k // 128]. amax_floor: 1e-4 as in DeepSeek's
     kernel for activations; gradients need a far smaller one (``GRAD_AMAX_FLOOR``).
     """
-    _check_input(x, "x")
+    return _quantize_tiles(x, scale_fmt, fmt, amax_floor, "x")
+
+
+def _quantize_tiles(x: torch.Tensor, scale_fmt: str, fmt: str, amax_floor: float, name: str):
+    """``quantize_act_1x128``, with errors naming the tensor `name`."""
+    _check_input(x, name)
     _check_scale_fmt(scale_fmt)
     _check_fmt(fmt)
     _check_amax_floor(amax_floor)
@@ -506,12 +511,15 @@ def fp8_matmul_reference(a_q: torch.Tensor, a_scale: torch.Tensor, w_q: torch.Te
 # Triton kernels when the kernel switch chooses "triton" and they can run here (e4m3 only),
 # the PyTorch reference above otherwise.
 def _quantize_act(x: torch.Tensor, scale_fmt: str, fmt: str = "e4m3",
-                  amax_floor: float = AMAX_FLOOR):
+                  amax_floor: float = AMAX_FLOOR, name: str = "x"):
     """1x128 tiles of x (..., K) along its last dim: act_quant kernel or quantize_act_1x128."""
     kernel = kernel_switch.fp8_act_quant_kernel(x) if fmt == "e4m3" else None
     if kernel is not None and x.dtype != torch.float64:
         return kernel(x.contiguous(), scale_fmt, amax_floor=amax_floor)
-    return quantize_act_1x128(x, scale_fmt, fmt, amax_floor)
+    return _quantize_tiles(x, scale_fmt, fmt, amax_floor, name)
+
+
+_GRAD_NAME = "dy (the gradient of the FP8 product's output)"  # how errors name the gradient
 
 
 def _gemm(a_q: torch.Tensor, a_scale: torch.Tensor, w_q: torch.Tensor,
@@ -582,14 +590,16 @@ class _Fp8LinearFunction(torch.autograd.Function):
             if ctx.needs_input_grad[0]:
                 # Dgrad: dx = dy @ W, reduce over N. dy in 1x128 tiles along N; W^T (K, N) has
                 # the same 128x128 blocks as W, transposed.
-                g_q, g_s = _quantize_act(grad_out, fmt, grad_fmt, floor)  # (M, N), (M, ceil(N/128))
+                g_q, g_s = _quantize_act(grad_out, fmt, grad_fmt, floor,
+                                         _GRAD_NAME)  # (M, N), (M, ceil(N/128))
                 w_q, w_s = quantize_weight_128x128(weight, fmt)
                 grad_x = _gemm(g_q, g_s, w_q.T.contiguous(), w_s.T.contiguous())  # (M, K)
                 grad_x = grad_x.to(x2d.dtype)
             if ctx.needs_input_grad[1]:
                 # Wgrad: dW = dy^T @ x, reduce over M (tokens): both operands tiled along M,
                 # i.e. 128x1 tiles of dy (M, N) and x (M, K).
-                gt_q, gt_s = _quantize_act(grad_out.T, fmt, grad_fmt, floor)  # (N, M), (N, ceil(M/128))
+                gt_q, gt_s = _quantize_act(grad_out.T, fmt, grad_fmt, floor,
+                                           _GRAD_NAME)  # (N, M), (N, ceil(M/128))
                 xt_q, xt_s = _quantize_act(x2d.T, fmt)  # (K, M), (K, ceil(M/128))
                 grad_w = _gemm(gt_q, gt_s, xt_q, xt_s).to(weight.dtype)  # (N, K)
         return grad_x, grad_w, None
@@ -705,7 +715,8 @@ class _Fp8GroupedLinearFunction(torch.autograd.Function):
             w_q, w_s = quantize_stacked_weights_128x128(weight, fmt)  # (E, N, K), (E, nbn, nbk)
             if ctx.needs_input_grad[0]:
                 # Dgrad: dX_e = dY_e @ W_e; dY in 1x128 tiles along N (per row), W_e^T's blocks
-                g_q, g_s = _quantize_act(grad_out, fmt, grad_fmt, floor)  # (M, N), (M, ceil(N/128))
+                g_q, g_s = _quantize_act(grad_out, fmt, grad_fmt, floor,
+                                         _GRAD_NAME)  # (M, N), (M, ceil(N/128))
                 grad_rows = torch.cat([
                     _gemm(g_q[start:end], g_s[start:end], w_q[e].T.contiguous(),
                           w_s[e].T.contiguous())  # (m_e, K)
@@ -718,7 +729,8 @@ class _Fp8GroupedLinearFunction(torch.autograd.Function):
                     if end == start:  # nobody chose this expert: no tokens, zero gradient
                         grads.append(torch.zeros(weight.shape[1:], device=weight.device))
                         continue
-                    gt_q, gt_s = _quantize_act(grad_out[start:end].T, fmt, grad_fmt, floor)  # (N, m_e)
+                    gt_q, gt_s = _quantize_act(grad_out[start:end].T, fmt, grad_fmt, floor,
+                                               _GRAD_NAME)  # (N, m_e)
                     xt_q, xt_s = _quantize_act(rows[start:end].T, fmt)  # (K, m_e)
                     grads.append(_gemm(gt_q, gt_s, xt_q, xt_s))  # (N, K)
                 grad_weight = torch.stack(grads).to(weight.dtype)  # (E, N, K)

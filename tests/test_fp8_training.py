@@ -364,3 +364,12 @@ def test_fp8_linear_edge_inputs():
         fp8.fp8_linear(torch.randn(2, 130), weight)
     with pytest.raises(ValueError, match="must share K"):
         fp8.fp8_linear(torch.randn(2, 129), layer.weight)
+    # a non-finite gradient in the backward is named as the gradient, not as the input x
+    bad_grad = torch.randn(3, 20)
+    bad_grad[1, 2] = float("nan")
+    with pytest.raises(ValueError, match=r"^dy \(the gradient"):
+        layer(torch.randn(3, 130, requires_grad=True)).backward(bad_grad)
+    rows, weight, _ = grouped_problem()
+    with pytest.raises(ValueError, match=r"^dy \(the gradient"):
+        fp8_grouped_linear(rows, SIZES, weight.requires_grad_()).backward(
+            torch.full((rows.shape[0], weight.shape[1]), float("inf")))
