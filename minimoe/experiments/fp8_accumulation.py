@@ -226,7 +226,7 @@ def main(argv=None) -> int:
            for b, s in acc["bits_sweep_k4096_truncating_no_promotion"].items()})
     for name in ("per-tensor", "1x128 tiles", "128x128 blocks"):
         print(f"{name:15s}", [f"{r['relative']:.3f}" for r in results["scaling"][name]])
-    os.makedirs(os.path.dirname(options.out), exist_ok=True)
+    os.makedirs(os.path.dirname(options.out) or ".", exist_ok=True)
     with open(options.out, "w") as handle:
         json.dump(results, handle, indent=1)
     print(f"{results['seconds']:.1f}s; wrote", options.out, *plot(results, options.figure_dir))
