@@ -356,9 +356,15 @@ def dequantize_fp8_blocks(weight: torch.Tensor, scale_inv: torch.Tensor, block: 
             bad = scale_inv.float()[mantissa != 0.5][0].item()
             raise ValueError(f"{name}: quantization_config.scale_fmt is 'ue8m0' but a scale is "
                              f"{bad!r}, not a positive power of two")
-    scale = scale_inv.float().repeat_interleave(b0, 0)[:out_features]  # (out, ceil(in/b1))
-    scale = scale.repeat_interleave(b1, 1)[:, :in_features]  # (out, in)
-    return (weight.float() * scale).to(dtype)  # (out, in)
+    # one scale row per block row, widened to the columns: (ceil(out/b0), in), not (out, in),
+    # so the transient memory is the float32 copy of the weight and the result in dtype
+    column_scale = scale_inv.float().repeat_interleave(b1, 1)[:, :in_features]
+    result = weight.to(torch.float32)  # (out, in)
+    whole_rows = (out_features // b0) * b0
+    result[:whole_rows].view(-1, b0, in_features).mul_(column_scale[: out_features // b0, None])
+    if whole_rows < out_features:  # the last, partial block row
+        result[whole_rows:].mul_(column_scale[-1])
+    return result.to(dtype)  # (out, in)
 
 
 def _rope_is_interleaved(hf: dict) -> bool:

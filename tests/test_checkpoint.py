@@ -211,6 +211,29 @@ def test_fp8_block_weights_are_dequantised_on_load(tmp_path):
         torch.testing.assert_close(model(ids).logits, reference_model(ids).logits, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("shape,block", [((150, 70), (64, 32)), ((128, 256), (128, 128)),
+                                         ((3, 5), (128, 128))])
+def test_dequantize_fp8_blocks_scales_each_block(shape, block):
+    """Against a loop over the (b0 x b1) blocks, partial edge blocks and non-square blocks
+    included: W[block (i, j)] = fp8[block (i, j)] * scale_inv[i, j]."""
+    from minimoe.checkpoint import dequantize_fp8_blocks
+
+    generator = torch.Generator().manual_seed(4)
+    qweight = (torch.randn(shape, generator=generator) * 50).to(torch.float8_e4m3fn)
+    scales = torch.rand(math.ceil(shape[0] / block[0]), math.ceil(shape[1] / block[1]),
+                        generator=generator) + 0.01
+    expected = torch.empty(shape)
+    for i in range(scales.shape[0]):
+        for j in range(scales.shape[1]):
+            rows = slice(i * block[0], (i + 1) * block[0])
+            cols = slice(j * block[1], (j + 1) * block[1])
+            expected[rows, cols] = qweight[rows, cols].float() * scales[i, j]
+    got = dequantize_fp8_blocks(qweight, scales, block, torch.float32)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    assert torch.equal(dequantize_fp8_blocks(qweight, scales, block, torch.bfloat16),
+                       expected.to(torch.bfloat16))
+
+
 # ---- MTP, layer subsets, errors -----------------------------------------------------------
 
 
