@@ -198,7 +198,8 @@ def act_quant(x: torch.Tensor, scale_fmt: str = "fp32", amax_floor: float = AMAX
     x (..., K) float32 / bfloat16 / float16 on CUDA (or the CPU under TRITON_INTERPRET=1),
     unit stride along K. Returns q (..., K) float8_e4m3fn and scale (..., ceil(K/128))
     float32 with x[..., k] ~= q[..., k] * scale[..., k // 128]: the same numbers as
-    ``minimoe.fp8.quantize_act_1x128`` (e4m3 rounding up to one ulp in the interpreter).
+    ``minimoe.fp8.quantize_act_1x128``, bit for bit (the kernel rounds to the e4m3 grid
+    itself, so the interpreter agrees too; ``tests/test_kernels_fp8.py``).
     amax_floor: the smallest amax a scale is computed from (1e-4 for activations, as in
     DeepSeek's kernel; the backward of minimoe.fp8 passes a far smaller one for gradients).
     """

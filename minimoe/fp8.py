@@ -122,10 +122,10 @@ more than 128 terms.
 to b mantissa bits (b + 1 significant bits; the float32 value's low 23 - b mantissa bits are
 cut) after *every* addition of one product a_mk * w_nk; at the end of the interval the
 partial sum is added to a float32 accumulator. ``promote_every=None`` means no promotion:
-one interval spanning all of K. The products themselves are exact float32 products of the
-dequantised operands (a product of two e4m3 values has at most 8 significant bits, so
-float32 holds it exactly; the scale factors are applied per element instead of per interval,
-which changes nothing but float32 rounding). ``accumulator_rounding`` chooses how the bits
+one interval spanning all of K. The products are float32 products of the dequantised
+operands: q_a q_w itself is exact (two e4m3 values have 4 significant bits each, so their
+product has at most 8), and the scale factors, applied here per element instead of once per
+interval, add one float32 rounding per product (none for ue8m0's power-of-two scales). ``accumulator_rounding`` chooses how the bits
 are cut: "truncate" (toward zero, the default: a fixed-width hardware adder that aligns the
 smaller addend to the larger exponent simply drops the shifted-out bits) or "nearest".
 Real tensor cores are more intricate (they add several products at a time with a shared
@@ -199,7 +199,8 @@ as its second operand; the grouped product launches one GEMM per expert. Weights
 quantised by the PyTorch code here in both cases. The choice in effect during the forward
 is remembered for the backward, which runs outside the model's ``use_kernels`` context.
 The numbers are those of the reference up to float32 summation order
-(``tests/test_kernels_fp8.py``); only non-finite input differs: the kernel path returns NaN
+(``tests/test_kernels_fp8.py``; on a GPU also up to the tensor cores' own accumulation inside
+each 128-long K block); only non-finite input differs: the kernel path returns NaN
 where the reference raises.
 
 What the reader should notice
@@ -500,7 +501,7 @@ def fp8_matmul_reference(a_q: torch.Tensor, a_scale: torch.Tensor, w_q: torch.Te
     for start in range(0, K, interval):
         partial = torch.zeros_like(y)  # (M, N) the limited-precision accumulator
         for k in range(start, min(start + interval, K)):
-            product = a[:, k, None] * w[None, :, k]  # (M, N) exact in float32
+            product = a[:, k, None] * w[None, :, k]  # (M, N) one float32 rounding at most
             partial = round_mantissa(partial + product, accumulator_bits, accumulator_rounding)
         y += partial  # promotion: add the interval's partial sum in float32
     return y
