@@ -508,7 +508,7 @@ def fp8_matmul_reference(a_q: torch.Tensor, a_scale: torch.Tensor, w_q: torch.Te
 
 
 # ----------------------------------------------------------------------------- which code runs
-# The layer functions below quantise activations and multiply through these two helpers: the
+# The layer functions below quantise activations and multiply through these two functions: the
 # Triton kernels when the kernel switch chooses "triton" and they can run here (e4m3 only),
 # the PyTorch reference above otherwise.
 def _quantize_act(x: torch.Tensor, scale_fmt: str, fmt: str = "e4m3",

@@ -66,7 +66,7 @@ DEQUANT_SHAPES = [(7168, 2048), (4096, 7168), (18432, 7168)]
 DEFAULT_OUT = Path("notebooks") / "results"
 
 
-# ----------------------------------------------------------------------------- GPU helpers
+# ----------------------------------------------------------------------------- GPU measurements
 def _do_bench(fn: Callable[[], object], quick: bool) -> float:
     """Median milliseconds of fn on the GPU (triton.testing.do_bench flushes L2 each run)."""
     import triton.testing
