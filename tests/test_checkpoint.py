@@ -125,15 +125,20 @@ def test_deepseek_v2_norm_topk_prob_matches_transformers(tmp_path):
 # ---- FP8 ---------------------------------------------------------------------------------
 
 
-def _quantise_blocks(weight, block=128):
-    """Reference quantiser: one float32 scale per block, fp8 = W / scale, scale = amax / 448."""
+def _quantise_blocks(weight, block=128, power_of_two=False):
+    """Reference quantiser: one float32 scale per block, fp8 = W / scale, scale = amax / 448
+    (DeepSeek-V3), or with power_of_two that rounded up to 2^ceil(log2(amax / 448)) (V3.1's
+    ue8m0 scales)."""
     rows, cols = weight.shape
     qweight = torch.empty(rows, cols, dtype=torch.float8_e4m3fn)
     scales = torch.empty(math.ceil(rows / block), math.ceil(cols / block))
     for i in range(scales.shape[0]):
         for j in range(scales.shape[1]):
             tile = weight[i * block:(i + 1) * block, j * block:(j + 1) * block].float()
-            scale = tile.abs().max().clamp(min=1e-12) / 448.0
+            if power_of_two:
+                scale = 2.0 ** math.ceil(math.log2(max(tile.abs().max().item(), 1e-12) / 448.0))
+            else:
+                scale = tile.abs().max().clamp(min=1e-12) / 448.0
             scales[i, j] = scale
             qweight[i * block:(i + 1) * block, j * block:(j + 1) * block] = (
                 (tile / scale).to(torch.float8_e4m3fn))

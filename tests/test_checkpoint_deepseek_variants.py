@@ -4,16 +4,14 @@ logits parity against transformers DeepseekV3, and DeepSeek-V3.1's FP8 checkpoin
 block scales are powers of two (quantization_config.scale_fmt "ue8m0")."""
 
 import json
-import math
-import os
 
 import pytest
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 import minimoe
 from hf_weights import randomise
+from test_checkpoint import _quantise_blocks, _read_all
 from minimoe.config import ModelConfig
 
 transformers = pytest.importorskip("transformers")
@@ -80,30 +78,6 @@ def test_moonlight_shaped_checkpoint_matches_transformers(tmp_path):
 
 
 # ---- DeepSeek-V3.1: FP8 with power-of-two (UE8M0) block scales ------------------------------
-def _quantise_ue8m0(weight, block=128):
-    """One power-of-two scale per block: s = 2^ceil(log2(amax / 448)), fp8 = W / s."""
-    rows, cols = weight.shape
-    qweight = torch.empty(rows, cols, dtype=torch.float8_e4m3fn)
-    scales = torch.empty(math.ceil(rows / block), math.ceil(cols / block))
-    for i in range(scales.shape[0]):
-        for j in range(scales.shape[1]):
-            tile = weight[i * block:(i + 1) * block, j * block:(j + 1) * block].float()
-            scale = 2.0 ** math.ceil(math.log2(max(tile.abs().max().item(), 1e-12) / 448.0))
-            scales[i, j] = scale
-            qweight[i * block:(i + 1) * block, j * block:(j + 1) * block] = (
-                (tile / scale).to(torch.float8_e4m3fn))
-    return qweight, scales
-
-
-def _read_all(folder):
-    tensors = {}
-    for name in sorted(os.listdir(folder)):
-        if name.endswith(".safetensors"):
-            with safe_open(os.path.join(folder, name), framework="pt") as handle:
-                tensors.update({key: handle.get_tensor(key) for key in handle.keys()})
-    return tensors
-
-
 V31_QUANT = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
              "scale_fmt": "ue8m0", "weight_block_size": [128, 128]}
 
@@ -125,7 +99,7 @@ def v31_checkpoint(tmp_path_factory):
     for name, tensor in _read_all(root / "bf").items():
         if tensor.dim() == 2 and "embed_tokens" not in name and "lm_head" not in name \
                 and not name.endswith("mlp.gate.weight"):
-            qweight, scales = _quantise_ue8m0(tensor)
+            qweight, scales = _quantise_blocks(tensor, power_of_two=True)
             tensors[name], tensors[name + "_scale_inv"] = qweight, scales
             dequantised[name] = qweight.float() * scales.repeat_interleave(128, 0)[
                 :tensor.shape[0]].repeat_interleave(128, 1)[:, :tensor.shape[1]]
