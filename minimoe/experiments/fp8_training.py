@@ -105,6 +105,12 @@ def train_run(name: str, steps: int, batch_size: int, seq_len: int, eval_every: 
         model, history, (_, val_corpus) = train(args)
     finally:
         fp8_module.convert_to_fp8 = convert
+    if grad_amax_floor is not None:  # the model must have been converted through the patch
+        floors = {m.recipe.grad_amax_floor for m in model.modules()
+                  if isinstance(m, fp8_module.Fp8Linear)}
+        if floors != {grad_amax_floor}:
+            raise RuntimeError(f"run {name!r}: the FP8 layers' gradient amax floors are "
+                               f"{sorted(floors)}, expected {grad_amax_floor}")
     seconds = time.perf_counter() - started
     step_times = sorted(batch_size * seq_len / h["tokens_per_second"] for h in history)
     result = {
