@@ -646,12 +646,16 @@ class FinetuneArgs(TrainArgs):
 def load_base_model(source: str, config_overrides: Optional[dict] = None, seed: int = 0):
     """A preset name (random weights, for trying the pipeline), a checkpoint folder written
     by ``minimoe train`` (config.json is a ModelConfig), or a published checkpoint folder
-    or hub id (``minimoe.load_pretrained``)."""
+    or hub id (``minimoe.load_pretrained``). config_overrides: ModelConfig fields of a preset
+    (an error with a checkpoint, where they would not apply)."""
     from minimoe.checkpoint import load_pretrained
     from minimoe.config import PRESETS, ModelConfig
     from minimoe.model import Transformer
     from minimoe.train import load_checkpoint
 
+    if config_overrides and source not in PRESETS:
+        raise ValueError(f"config overrides {sorted(config_overrides)} change a preset's fields; "
+                         f"{source!r} is a checkpoint, whose config.json fixes its fields")
     config_path = os.path.join(source, "config.json")
     if os.path.isdir(source) and os.path.exists(config_path):
         with open(config_path) as handle:

@@ -351,6 +351,9 @@ def test_cli_finetune_end_to_end(tmp_path, capsys):
                      "--batch-size", "2", "--seq-len", "16", "--eval-every", "0",
                      "--targets", "o_proj", "--out", str(again)]) == 0
     assert json.loads((again / "adapter_config.json").read_text())["targets"] == ["o_proj"]
+    # a checkpoint's fields come from its config.json: --set would silently not apply
+    with pytest.raises(ValueError, match=r"\['hidden_size'\] change a preset's fields"):
+        lora.load_base_model(str(out / "merged"), {"hidden_size": 64})
 
     assert cli.main(["finetune", "toy", "--data", str(tmp_path / "missing.txt"),
                      "--out", str(out)]) == 2
