@@ -92,7 +92,8 @@ Conventions used here, as in DeepSeek's code and checkpoints: the returned scale
   below the floor is quantised on a scale up to 10^4 times too coarse, its small elements
   going subnormal or to zero. The backward passes therefore quantise gradients with
   ``GRAD_AMAX_FLOOR = 1e-30``, which only protects an all-zero tile (``Fp8Recipe.
-  grad_amax_floor``; every quantiser takes ``amax_floor``; ``tests/test_fp8_training.py``
+  grad_amax_floor``; the 1x128 quantisers, which are the ones gradients go through, take
+  ``amax_floor``; ``tests/test_fp8_training.py``
   shows the 1e-4 floor flushing gradient rows of 1e-11..1e-9 to zero and the small floor
   keeping every row within a few percent). Per-tile scales also make loss scaling
   unnecessary: each tile's scale follows its own magnitude, however small.
