@@ -177,6 +177,14 @@ def test_gradcheck_float64(scoring_func):
     assert torch.autograd.gradcheck(gates_and_scores, (logits,), fast_mode=True)
 
 
+def test_no_tokens():
+    logits = torch.zeros(0, 16, requires_grad=True)
+    idx, w, s = route(logits, torch.zeros(16), top_k=2, n_group=4, topk_group=2)
+    assert idx.shape == (0, 2) and w.shape == (0, 2) and s.shape == (0, 16)
+    (w.sum() + s.sum()).backward()
+    assert logits.grad.shape == (0, 16)
+
+
 def test_bad_input_is_rejected():
     logits = torch.randn(3, 16)
     with pytest.raises(ValueError, match="shape \\(N, E\\)"):
