@@ -1,6 +1,7 @@
 """minimoe.tokenizer: tokenizer.json through `tokenizers`, special tokens from
 tokenizer_config.json, and a DeepSeek-style chat template rendered with jinja2 (expected texts
-written out by hand), plus the errors for missing or inconsistent files."""
+written out by hand, and equal to transformers' apply_chat_template), plus the errors for
+missing or inconsistent files."""
 
 import json
 
@@ -54,6 +55,28 @@ def test_chat_template_renders_like_deepseek(folder):
         tokenizer.render_chat([{"role": "tool", "content": "x"}])
     with pytest.raises(ValueError, match="'role' and 'content'"):
         tokenizer.render_chat(["just a string"])
+
+
+# a template that keeps only the last user message: a backwards loop left with {% break %}
+LAST_USER_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages[::-1] %}"
+    "{% if message['role'] == 'user' %}{{ '<｜User｜>' + message['content'] }}{% break %}"
+    "{% endif %}{% endfor %}{% if add_generation_prompt %}{{ '<｜Assistant｜>' }}{% endif %}"
+)
+
+
+@pytest.mark.parametrize("template", [CHAT_TEMPLATE, LAST_USER_TEMPLATE])
+def test_chat_template_renders_like_transformers(folder, template):
+    transformers = pytest.importorskip("transformers")
+    reference = transformers.PreTrainedTokenizerFast.from_pretrained(str(folder))
+    tokenizer = load_tokenizer(folder)
+    tokenizer.chat_template = template
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Why?"}]
+    for generation_prompt in (True, False):
+        expected = reference.apply_chat_template(messages, chat_template=template, tokenize=False,
+                                                 add_generation_prompt=generation_prompt)
+        assert tokenizer.render_chat(messages, generation_prompt) == expected
 
 
 def test_template_from_jinja_file_and_named_list(tmp_path):
