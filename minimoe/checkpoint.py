@@ -13,7 +13,8 @@ A safetensors file is a JSON header (name -> dtype, shape, byte offsets) followe
 bytes. ``safe_open`` memory-maps it: ``get_tensor(name)`` reads one tensor, and a tensor not
 asked for is never read. This loader walks the names one at a time and copies each into its
 place in the model, so the largest extra memory at any moment is one checkpoint tensor
-(plus its dtype conversion), never a second copy of the model.
+(plus its dtype conversion; for an FP8 weight, its float32 dequantisation), never a second
+copy of the model.
 
 Tensor names (DeepSeek-V3 / V2; ``{i}`` a layer, ``{e}`` an expert):
 
