@@ -74,8 +74,9 @@ CUDA kernels):
   (tests/test_lora.py rebuilds it). Two 4-bit indices are packed into one uint8 (even
   element in the low nibble, odd element in the high nibble): 0.5 byte per weight +
   4 bytes per 64 weights = 4.5 bits per weight. The maximum error of an element is half the
-  widest gap between neighbouring code values times its block's absmax (0.1385 * absmax,
-  at the gap between 0.7230 and 1.0). QLoRA also quantises the absmax constants themselves
+  widest gap between neighbouring code values times its block's absmax (0.1519 * absmax,
+  at the gap between -1.0 and -0.6962; the positive side's widest, 0.7230 to 1.0, gives
+  0.1385). QLoRA also quantises the absmax constants themselves
   ("double quantisation", 0.127 bits per weight instead of 0.5); minimoe does not.
 
 ``quantize_base`` quantises every frozen Linear in the decoder layers (attention, dense

@@ -92,7 +92,8 @@ def test_nf4_is_nearest_code_value_times_block_absmax(shape):
     nearest = lora.NF4_CODE[(normalized - lora.NF4_CODE).abs().argmin(dim=1)]
     expected = (nearest.view(blocks, 64) * block_max).reshape(-1)[:n].view(shape)
     torch.testing.assert_close(restored, expected, atol=1e-6, rtol=1e-6)
-    half_gap = (lora.NF4_CODE[1:] - lora.NF4_CODE[:-1]).max() / 2  # 0.1385 (0.7230 -> 1.0)
+    half_gap = (lora.NF4_CODE[1:] - lora.NF4_CODE[:-1]).max() / 2  # 0.1519 (-1.0 -> -0.6962)
+    assert abs(half_gap.item() - (1.0 - 0.6961928009986877) / 2) < 1e-7
     bound = (block_max * half_gap).expand(blocks, 64).reshape(-1)[:n].view(shape)
     assert ((restored - weight).abs() <= bound + 1e-6).all()
 
