@@ -118,7 +118,7 @@ class DecoderLayer(nn.Module):
 
 class ShortcutDecoderLayer(nn.Module):
     """LongCat-Flash's shortcut-connected MoE block (ScMoE; LongCat-Flash technical report
-    arXiv:2509.01322, §2.1 "Shortcut-connected MoE"; transformers LongcatFlashDecoderLayer).
+    arXiv:2509.01322, §2, "Shortcut-connected MoE"; transformers LongcatFlashDecoderLayer).
 
     One layer holds two pre-norm sublayer pairs (attention + dense SwiGLU each) and one MoE.
     The MoE reads the normalised hidden state after the *first* attention sublayer and its
