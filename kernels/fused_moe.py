@@ -532,11 +532,12 @@ class FusedMoEFunction(torch.autograd.Function):
         num_slots = N * k
         device = x.device
 
-        # 1. align: masked slots get the index E, which the alignment skips
+        # 1. align: masked slots get the index E, which the alignment skips (int64: E may not
+        #    fit a narrow index dtype, e.g. 256 in uint8)
         expert_of_slot = topk_idx.reshape(-1)  # (M,)
         if mask is not None:
-            expert_of_slot = torch.where(mask.reshape(-1), expert_of_slot,
-                                         torch.full_like(expert_of_slot, E))  # (M,)
+            skipped = torch.full_like(expert_of_slot, E, dtype=torch.long)  # (M,)
+            expert_of_slot = torch.where(mask.reshape(-1), expert_of_slot.long(), skipped)  # (M,)
         block_m = _block_m(num_slots, E)
         align = align_with_segments(expert_of_slot, E, block_m)
         sorted_ids, expert_ids, total = align[:3]

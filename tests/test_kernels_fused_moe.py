@@ -188,6 +188,19 @@ def test_no_tokens():
     assert (experts.gate_proj.grad == 0).all() and (experts.down_proj.grad == 0).all()
 
 
+def test_narrow_index_dtype_with_a_mask():
+    """uint8 indices of 256 experts: the masked slots' index E = 256 does not fit uint8."""
+    gen = torch.Generator().manual_seed(6)
+    experts = make_experts(256, 32, 16, torch.float32, gen)
+    x = torch.randn(5, 32, generator=gen)
+    topk_idx, topk_weight = routing("uniform", 5, 2, 256, gen)
+    mask = torch.tensor([[True, False]] * 5)
+    with torch.no_grad():
+        out = kernel(x, topk_idx.to(torch.uint8), topk_weight, experts, mask)
+        want = dispatch_naive(x, topk_idx, topk_weight, experts, mask=mask)
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-6)
+
+
 def test_float64_model_runs_the_reference_dispatch():
     """dispatch_sorted hands the kernel only the dtypes tl.dot takes; float64 stays exact."""
     gen = torch.Generator().manual_seed(5)
