@@ -4,7 +4,6 @@ that load_pretrained reads back tensor for tensor; convert_fp8_to_bf16 dequantis
 FP8 checkpoint into one that loads equal to the FP8 load."""
 
 import json
-import os
 
 import pytest
 import torch
