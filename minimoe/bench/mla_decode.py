@@ -55,7 +55,8 @@ import torch
 
 from minimoe import sizing
 from minimoe.cache import KVCache
-from minimoe.config import PRESETS, ModelConfig
+from minimoe.config import ModelConfig
+from minimoe.experiments import save_figure
 from minimoe.mla import MultiHeadLatentAttention
 from minimoe.rope import apply_rotary
 
@@ -195,9 +196,7 @@ def plot_decode(rows: list[dict], path: str, title: str, modes=MODES) -> None:
     right.xaxis.set_minor_locator(plt.NullLocator())
     right.legend()
     fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def plot_kv_presets(path: str, context: int = 131072, bytes_per_element: float = 2) -> list[dict]:
@@ -223,9 +222,7 @@ def plot_kv_presets(path: str, context: int = 131072, bytes_per_element: float =
            title=f"KV cache per token; labels: the cache of one {context // 1024}K-token "
                  "sequence")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
     return rows
 
 

@@ -26,13 +26,13 @@ It writes notebooks/results/balance.json and figures/balance_*.png.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 
 import torch
 
 from minimoe import data as data_lib
+from minimoe.experiments import save_figure, write_results
 from minimoe.train import TrainArgs, train
 from minimoe.viz import routing_report
 
@@ -85,7 +85,6 @@ def plot(results: dict, figure_dir: str = "figures") -> list[str]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    os.makedirs(figure_dir, exist_ok=True)
     paths = []
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
     for name, result in results["runs"].items():
@@ -103,11 +102,7 @@ def plot(results: dict, figure_dir: str = "figures") -> list[str]:
     for ax in axes:
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
-    fig.tight_layout()
-    path = os.path.join(figure_dir, "balance_loss_maxvio.png")
-    fig.savefig(path, dpi=120)
-    paths.append(path)
-    plt.close(fig)
+    paths.append(save_figure(fig, os.path.join(figure_dir, "balance_loss_maxvio.png")))
     return paths
 
 
@@ -130,9 +125,7 @@ def main(argv=None) -> int:
         r = results["runs"][name]
         print(f"  {name}: {r['parameters'] / 1e6:.2f}M params, final val {r['val_loss'][-1]:.4f}, "
               f"final MaxVio {r['max_vio'][-1]:.3f}, {r['seconds']:.0f}s", flush=True)
-    os.makedirs(os.path.dirname(options.out), exist_ok=True)
-    with open(options.out, "w") as handle:
-        json.dump(results, handle)
+    write_results(results, options.out)
     print("wrote", options.out, *plot(results, options.figure_dir))
     return 0
 

@@ -54,12 +54,12 @@ figures/fp8_scaling_error.png.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 
 import torch
 
+from minimoe.experiments import save_figure, write_results
 from minimoe.fp8 import (dequantize_act_1x128, dequantize_per_tensor, dequantize_weight_128x128,
                          fp8_matmul_reference, quantize_act_1x128, quantize_per_tensor,
                          quantize_weight_128x128)
@@ -147,7 +147,6 @@ def plot(results: dict, figure_dir: str = "figures") -> list[str]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    os.makedirs(figure_dir, exist_ok=True)
     paths = []
     acc = results["accumulation"]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
@@ -165,11 +164,7 @@ def plot(results: dict, figure_dir: str = "figures") -> list[str]:
     axes[1].legend(fontsize=7)
     fig.suptitle(f"Simulated FP8 GEMM ({results['m']}x{results['n']} output, e4m3, 1x128 / "
                  "128x128 scales): accumulator precision vs promotion", fontsize=10)
-    fig.tight_layout()
-    path = os.path.join(figure_dir, "fp8_accumulation.png")
-    fig.savefig(path, dpi=120)
-    paths.append(path)
-    plt.close(fig)
+    paths.append(save_figure(fig, os.path.join(figure_dir, "fp8_accumulation.png")))
 
     sc = results["scaling"]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
@@ -188,11 +183,7 @@ def plot(results: dict, figure_dir: str = "figures") -> list[str]:
         ax.legend(fontsize=8)
     fig.suptitle(f"{sc['tokens']}x{sc['channels']} N(0,1) activations, one element in "
                  f"{round(1 / sc['outlier_rate'])} scaled by the factor", fontsize=10)
-    fig.tight_layout()
-    path = os.path.join(figure_dir, "fp8_scaling_error.png")
-    fig.savefig(path, dpi=120)
-    paths.append(path)
-    plt.close(fig)
+    paths.append(save_figure(fig, os.path.join(figure_dir, "fp8_scaling_error.png")))
     return paths
 
 
@@ -226,9 +217,7 @@ def main(argv=None) -> int:
            for b, s in acc["bits_sweep_k4096_truncating_no_promotion"].items()})
     for name in ("per-tensor", "1x128 tiles", "128x128 blocks"):
         print(f"{name:15s}", [f"{r['relative']:.3f}" for r in results["scaling"][name]])
-    os.makedirs(os.path.dirname(options.out) or ".", exist_ok=True)
-    with open(options.out, "w") as handle:
-        json.dump(results, handle, indent=1)
+    write_results(results, options.out)
     print(f"{results['seconds']:.1f}s; wrote", options.out, *plot(results, options.figure_dir))
     return 0
 

@@ -57,12 +57,13 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import os
 import statistics
 import time
 
 import torch
+
+from minimoe.experiments import save_figure, write_results
 
 RESULTS_PATH = os.path.join("notebooks", "results", "fp8_training.json")
 FIGURE_PATH = os.path.join("figures", "fp8_training.png")
@@ -231,11 +232,7 @@ def plot(results: dict, path: str = FIGURE_PATH) -> str:
     axes[1].legend(fontsize=7, ncol=2)
     for ax in axes:
         ax.grid(alpha=0.3)
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def main(argv=None) -> int:
@@ -283,9 +280,7 @@ def main(argv=None) -> int:
     print("same weights (final bf16 models), relative val loss: fp8 vs bf16",
           [f"{100 * v:+.3f}%" for v in same["fp8_vs_bf16_relative"]], " fp32 vs bf16",
           [f"{100 * v:+.3f}%" for v in same["fp32_vs_bf16_relative"]])
-    os.makedirs(os.path.dirname(options.out) or ".", exist_ok=True)
-    with open(options.out, "w") as handle:
-        json.dump(results, handle, indent=1)
+    write_results(results, options.out)
     print(f"{results['seconds']:.0f}s; wrote", options.out, plot(results, options.figure))
     return 0
 

@@ -59,7 +59,6 @@ environment when other jobs share the machine.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import time
@@ -68,6 +67,7 @@ import torch
 
 from minimoe import data as data_lib
 from minimoe.config import ModelConfig
+from minimoe.experiments import save_figure, write_results
 from minimoe.model import Transformer
 from minimoe.train import TrainArgs, learning_rate, make_optimizer
 
@@ -197,7 +197,6 @@ def plot(results: dict, figure_dir: str = "figures") -> list[str]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    os.makedirs(figure_dir, exist_ok=True)
     L = results["train_len"]
     multiples = results["multiples"]
     colors = {"none": "tab:gray", "linear": "tab:blue", "ntk": "tab:green", "yarn": "tab:red",
@@ -230,10 +229,7 @@ def plot(results: dict, figure_dir: str = "figures") -> list[str]:
         axes[panel].legend(fontsize=7)
     for ax in axes:
         ax.grid(alpha=0.3)
-    fig.tight_layout()
-    path = os.path.join(figure_dir, "long_context.png")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    path = save_figure(fig, os.path.join(figure_dir, "long_context.png"), dpi=110)
     return [path]
 
 
@@ -302,9 +298,7 @@ def main(argv=None) -> int:
                   f"{entry['no_finetune']['loss_by_bucket'][-1]:.3f} -> "
                   f"{entry['finetune']['loss_by_bucket'][-1]:.3f}", flush=True)
     results["total_minutes"] = (time.perf_counter() - started) / 60
-    os.makedirs(os.path.dirname(options.out) or ".", exist_ok=True)
-    with open(options.out, "w") as handle:
-        json.dump(results, handle, indent=1)
+    write_results(results, options.out)
     print(f"total {results['total_minutes']:.1f} min; wrote", options.out,
           *plot(results, options.figure_dir))
     return 0

@@ -37,6 +37,7 @@ import time
 import torch
 
 from minimoe import data as data_lib
+from minimoe.experiments import save_figure, write_results
 from minimoe.speculative import speculative_generate
 from minimoe.train import TrainArgs, load_checkpoint, train
 
@@ -157,7 +158,6 @@ def plot(results: dict, figure_dir: str = "figures") -> list:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    os.makedirs(figure_dir, exist_ok=True)
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
     for name, run in results["runs"].items():
         axes[0].plot(run["val_step"], run["val_loss"], marker="o", ms=3, label=name)
@@ -172,10 +172,7 @@ def plot(results: dict, figure_dir: str = "figures") -> list:
     for ax in axes:
         ax.grid(alpha=0.3)
     axes[0].legend()
-    fig.tight_layout()
-    path = os.path.join(figure_dir, "mtp_training_acceptance.png")
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    path = save_figure(fig, os.path.join(figure_dir, "mtp_training_acceptance.png"))
     return [path]
 
 
@@ -209,9 +206,7 @@ def main(argv=None) -> int:
                                      options.prompts_per_domain, options.new_tokens,
                                      options.seed)
     print(json.dumps(results["decode"], indent=1), flush=True)
-    os.makedirs(os.path.dirname(options.out), exist_ok=True)
-    with open(options.out, "w") as handle:
-        json.dump(results, handle)
+    write_results(results, options.out)
     print("wrote", options.out, *plot(results, options.figure_dir))
     return 0
 
