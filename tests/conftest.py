@@ -25,3 +25,21 @@ settings.load_profile("minimoe")
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture
+def kernels_used(monkeypatch):
+    """The names of the kernel modules the kernel switch handed out during the test."""
+    from minimoe import kernel_switch
+
+    used = []
+    original = kernel_switch._kernel
+
+    def spy(x, module_name, function_name):
+        kernel = original(x, module_name, function_name)
+        if kernel is not None:
+            used.append(module_name)
+        return kernel
+
+    monkeypatch.setattr(kernel_switch, "_kernel", spy)
+    return used

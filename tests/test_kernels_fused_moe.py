@@ -221,17 +221,7 @@ TINY = dict(num_hidden_layers=2, num_nextn_predict_layers=0, hidden_size=64,
 
 @pytest.mark.parametrize("extra", [{}, dict(n_zero_experts=2, capacity_factor=1.0)],
                          ids=["toy", "zero-experts+capacity"])
-def test_model_with_triton_kernels_matches_reference(extra, monkeypatch):
-    used = []
-    original = kernel_switch._kernel
-
-    def spy(x, module_name, function_name):
-        found = original(x, module_name, function_name)
-        if found is not None:
-            used.append(module_name)
-        return found
-
-    monkeypatch.setattr(kernel_switch, "_kernel", spy)
+def test_model_with_triton_kernels_matches_reference(extra, kernels_used):
     results = []
     for kernels in ("reference", "triton"):
         torch.manual_seed(0)
@@ -241,7 +231,7 @@ def test_model_with_triton_kernels_matches_reference(extra, monkeypatch):
         out.loss.backward()
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
         results.append((out.logits.detach(), grads))
-    assert "fused_moe" in used
+    assert "fused_moe" in kernels_used
     (logits_ref, grads_ref), (logits, grads) = results
     torch.testing.assert_close(logits, logits_ref, rtol=1e-5, atol=1e-5)
     assert grads.keys() == grads_ref.keys()

@@ -205,22 +205,6 @@ def test_bad_input_is_rejected():
 # The kernel switch: Router.forward and a whole model with kernels="triton"
 # ---------------------------------------------------------------------------------------------
 
-@pytest.fixture
-def kernels_used(monkeypatch):
-    """The names of the kernel modules the switch handed out during the test."""
-    used = []
-    original = kernel_switch._kernel
-
-    def spy(x, module_name, function_name):
-        kernel = original(x, module_name, function_name)
-        if kernel is not None:
-            used.append(module_name)
-        return kernel
-
-    monkeypatch.setattr(kernel_switch, "_kernel", spy)
-    return used
-
-
 @pytest.mark.parametrize("preset", ["toy", "toy-classic", "deepseek-v3"])
 def test_router_module_uses_the_kernel(preset, kernels_used):
     overrides = dict(hidden_size=32, n_routed_experts=64) if preset == "deepseek-v3" else {}
