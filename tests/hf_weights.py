@@ -1,8 +1,10 @@
 """Weights for parity tests against transformers models (shared by the checkpoint tests)."""
 
 import math
+import os
 
 import torch
+from safetensors import safe_open
 
 
 def randomise(model, seed):
@@ -24,3 +26,34 @@ def randomise(model, seed):
             else:
                 tensor.copy_(noise / math.sqrt(tensor.shape[-1]))
     return model
+
+
+def read_all(folder):
+    """Every tensor of every *.safetensors file in folder: {name: tensor}."""
+    tensors = {}
+    for name in sorted(os.listdir(folder)):
+        if name.endswith(".safetensors"):
+            with safe_open(os.path.join(folder, name), framework="pt") as handle:
+                for key in handle.keys():
+                    tensors[key] = handle.get_tensor(key)
+    return tensors
+
+
+def deepseek_mtp_tensors(tensors, config, block_layer, seed):
+    """An MTP layer in DeepSeek-V3's published layout, ``model.layers.{num_hidden_layers}.*``.
+
+    Its block copies the shapes (not the values) of main layer ``block_layer``, with fresh
+    random values; enorm, hnorm, eh_proj and shared_head.norm are random too, and the
+    layer's copies of the embedding and the head equal the main ones, as published.
+    """
+    n, C = config["num_hidden_layers"], config["hidden_size"]
+    generator = torch.Generator().manual_seed(seed)
+    source = f"model.layers.{block_layer}."
+    mtp = {f"model.layers.{n}." + name[len(source):]: torch.randn(tensor.shape, generator=generator)
+           for name, tensor in tensors.items() if name.startswith(source)}
+    for own, shape in (("enorm.weight", (C,)), ("hnorm.weight", (C,)),
+                       ("eh_proj.weight", (C, 2 * C)), ("shared_head.norm.weight", (C,))):
+        mtp[f"model.layers.{n}.{own}"] = torch.randn(shape, generator=generator)
+    mtp[f"model.layers.{n}.embed_tokens.weight"] = tensors["model.embed_tokens.weight"].clone()
+    mtp[f"model.layers.{n}.shared_head.head.weight"] = tensors["lm_head.weight"].clone()
+    return mtp

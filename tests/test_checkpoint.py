@@ -4,15 +4,13 @@ and the errors for missing / unexpected / mis-shaped tensors."""
 
 import json
 import math
-import os
 
 import pytest
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 import minimoe
-from hf_weights import randomise
+from hf_weights import deepseek_mtp_tensors, randomise, read_all
 
 transformers = pytest.importorskip("transformers")
 
@@ -154,16 +152,6 @@ def _dequantise_blocks(qweight, scales, block=128):
     return out
 
 
-def _read_all(folder):
-    tensors = {}
-    for name in sorted(os.listdir(folder)):
-        if name.endswith(".safetensors"):
-            with safe_open(os.path.join(folder, name), framework="pt") as handle:
-                for key in handle.keys():
-                    tensors[key] = handle.get_tensor(key)
-    return tensors
-
-
 def _write_single(folder, tensors, config):
     folder.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(folder / "model.safetensors"))
@@ -177,7 +165,7 @@ def test_fp8_block_weights_are_dequantised_on_load(tmp_path):
     config["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3",
                                      "activation_scheme": "dynamic", "weight_block_size": [128, 128]}
     tensors, references = {}, {}
-    for name, tensor in _read_all(tmp_path / "bf").items():
+    for name, tensor in read_all(tmp_path / "bf").items():
         quantised = (tensor.dim() == 2 and "embed_tokens" not in name and "lm_head" not in name
                      and not name.endswith("mlp.gate.weight"))
         if quantised:
@@ -244,21 +232,10 @@ def test_dequantize_fp8_blocks_scales_each_block(shape, block):
 
 def test_mtp_layer_loads_into_model_mtp(v3_checkpoint, tmp_path):
     folder, _ = v3_checkpoint
-    tensors = _read_all(folder)
+    tensors = read_all(folder)
     config = json.loads((folder / "config.json").read_text())
     n = config["num_hidden_layers"]
-    generator = torch.Generator().manual_seed(9)
-    mtp = {}
-    for name, tensor in list(tensors.items()):
-        if name.startswith("model.layers.2."):  # an MoE block: the MTP block's shape
-            mtp[f"model.layers.{n}." + name[len("model.layers.2."):]] = torch.randn(
-                tensor.shape, generator=generator)
-    C = config["hidden_size"]
-    for own, shape in (("enorm.weight", (C,)), ("hnorm.weight", (C,)), ("eh_proj.weight", (C, 2 * C)),
-                       ("shared_head.norm.weight", (C,))):
-        mtp[f"model.layers.{n}.{own}"] = torch.randn(shape, generator=generator)
-    mtp[f"model.layers.{n}.embed_tokens.weight"] = tensors["model.embed_tokens.weight"].clone()
-    mtp[f"model.layers.{n}.shared_head.head.weight"] = tensors["lm_head.weight"].clone()
+    mtp = deepseek_mtp_tensors(tensors, config, block_layer=2, seed=9)  # layer 2: an MoE block
     _write_single(tmp_path, {**tensors, **mtp}, config)
     model = minimoe.load_pretrained(tmp_path)
     assert len(model.mtp) == 1
@@ -304,7 +281,7 @@ def test_dtype_and_device_arguments(v3_checkpoint):
 
 def test_missing_unexpected_and_misshaped_tensors_are_named(v3_checkpoint, tmp_path):
     folder, _ = v3_checkpoint
-    tensors = _read_all(folder)
+    tensors = read_all(folder)
     config = json.loads((folder / "config.json").read_text())
     config["num_nextn_predict_layers"] = 0
 

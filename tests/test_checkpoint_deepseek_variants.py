@@ -11,7 +11,8 @@ from safetensors.torch import save_file
 
 import minimoe
 from hf_weights import randomise
-from test_checkpoint import _quantise_blocks, _read_all
+from hf_weights import read_all
+from test_checkpoint import _quantise_blocks
 from minimoe.config import ModelConfig
 
 transformers = pytest.importorskip("transformers")
@@ -96,7 +97,7 @@ def v31_checkpoint(tmp_path_factory):
     hf_model = randomise(transformers.DeepseekV3ForCausalLM(config).float().eval(), 13)
     hf_model.save_pretrained(root / "bf", max_shard_size="40KB")
     tensors, dequantised = {}, {}
-    for name, tensor in _read_all(root / "bf").items():
+    for name, tensor in read_all(root / "bf").items():
         if tensor.dim() == 2 and "embed_tokens" not in name and "lm_head" not in name \
                 and not name.endswith("mlp.gate.weight"):
             qweight, scales = _quantise_blocks(tensor, power_of_two=True)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import minimoe
-from hf_weights import randomise
+from hf_weights import deepseek_mtp_tensors, randomise, read_all
 from minimoe.config import ModelConfig
 
 transformers = pytest.importorskip("transformers")
@@ -171,25 +171,13 @@ def test_from_hf_refuses_keys_that_change_the_function(model_type, changes, key)
 
 def test_glm_mtp_layer_loads_into_model_mtp(tmp_path):
     """GLM-4.5 publishes its MTP module as model.layers.{num_hidden_layers}, DeepSeek-V3's layout."""
-    from safetensors import safe_open
     from safetensors.torch import save_file
 
     _save_hf("glm4_moe", "qknorm-groups", tmp_path / "hf", seed=30)
-    tensors = {}
-    for shard in sorted((tmp_path / "hf").glob("*.safetensors")):
-        with safe_open(str(shard), framework="pt") as handle:
-            tensors.update({name: handle.get_tensor(name) for name in handle.keys()})
+    tensors = read_all(tmp_path / "hf")
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
-    n, C = config["num_hidden_layers"], config["hidden_size"]
-    generator = torch.Generator().manual_seed(31)
-    mtp = {f"model.layers.{n}." + name[len(f"model.layers.{n - 1}."):]:
-           torch.randn(tensor.shape, generator=generator)
-           for name, tensor in tensors.items() if name.startswith(f"model.layers.{n - 1}.")}
-    for own, shape in (("enorm.weight", (C,)), ("hnorm.weight", (C,)),
-                       ("eh_proj.weight", (C, 2 * C)), ("shared_head.norm.weight", (C,))):
-        mtp[f"model.layers.{n}.{own}"] = torch.randn(shape, generator=generator)
-    mtp[f"model.layers.{n}.embed_tokens.weight"] = tensors["model.embed_tokens.weight"].clone()
-    mtp[f"model.layers.{n}.shared_head.head.weight"] = tensors["lm_head.weight"].clone()
+    n = config["num_hidden_layers"]
+    mtp = deepseek_mtp_tensors(tensors, config, block_layer=n - 1, seed=31)
     folder = tmp_path / "with-mtp"
     folder.mkdir()
     save_file({**tensors, **mtp}, str(folder / "model.safetensors"))

@@ -15,7 +15,8 @@ from minimoe.config import ModelConfig
 from minimoe.export import convert_fp8_to_bf16, family_config, parse_size, save_pretrained
 
 transformers = pytest.importorskip("transformers")
-from test_checkpoint import V2_BASE, V3_BASE, _quantise_blocks, _read_all, _save_hf  # noqa: E402
+from hf_weights import read_all  # noqa: E402
+from test_checkpoint import V2_BASE, V3_BASE, _quantise_blocks, _save_hf  # noqa: E402
 from test_checkpoint_families import BASE, FAMILIES  # noqa: E402
 
 SEQ = 20
@@ -77,7 +78,7 @@ def test_deepseek_rope_rows_are_written_interleaved(tmp_path):
     model = _minimoe_model("deepseek_v3", seed=5, num_nextn_predict_layers=0)
     save_pretrained(model, tmp_path, max_shard_size="1MB")
     assert json.loads((tmp_path / "config.json").read_text())["rope_interleave"] is True
-    saved = _read_all(tmp_path)["model.layers.0.self_attn.q_b_proj.weight"]
+    saved = read_all(tmp_path)["model.layers.0.self_attn.q_b_proj.weight"]
     ours = model.layers[0].self_attn.q_b_proj.weight.detach()
     nope, rope = model.cfg.qk_nope_head_dim, model.cfg.qk_rope_head_dim
     for head in range(model.cfg.num_attention_heads):
@@ -95,7 +96,7 @@ def test_mtp_modules_round_trip_and_single_file(tmp_path):
     save_pretrained(model, tmp_path)  # 5GB default: one model.safetensors, no index
     assert (tmp_path / "model.safetensors").exists()
     assert not (tmp_path / "model.safetensors.index.json").exists()
-    names = _read_all(tmp_path)
+    names = read_all(tmp_path)
     n = model.cfg.num_hidden_layers
     assert f"model.layers.{n}.eh_proj.weight" in names
     assert f"model.layers.{n}.shared_head.head.weight" in names  # DeepSeek-V3's copy
@@ -138,7 +139,7 @@ def test_convert_fp8_to_bf16(tmp_path):
                                      "weight_block_size": [128, 128]}
     config["num_nextn_predict_layers"] = 0
     tensors = []
-    for name, tensor in _read_all(tmp_path / "bf").items():
+    for name, tensor in read_all(tmp_path / "bf").items():
         if (tensor.dim() == 2 and "embed_tokens" not in name and "lm_head" not in name
                 and not name.endswith("mlp.gate.weight")):
             qweight, scales = _quantise_blocks(tensor)
@@ -167,7 +168,7 @@ def test_convert_fp8_to_bf16(tmp_path):
     new_map = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
     assert not any(n.endswith("_scale_inv") for n in new_map)
     assert set(new_map) == {n for n, _ in tensors if not n.endswith("_scale_inv")}
-    converted = _read_all(out)
+    converted = read_all(out)
     assert all(t.dtype != torch.float8_e4m3fn for t in converted.values())
     assert converted["model.layers.1.mlp.experts.2.gate_proj.weight"].dtype == torch.bfloat16
 
