@@ -28,6 +28,16 @@ def randomise(model, seed):
     return model
 
 
+def save_randomised(model, folder, seed):
+    """``randomise`` a transformers model (float32, eval) and save it as a sharded hub checkpoint.
+
+    40 KB shards make even a tiny model several shards plus an index, as published models are.
+    """
+    model = randomise(model.float().eval(), seed)
+    model.save_pretrained(folder, max_shard_size="40KB")
+    return model
+
+
 def read_all(folder):
     """Every tensor of every *.safetensors file in folder: {name: tensor}."""
     tensors = {}

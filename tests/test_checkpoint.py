@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import save_file
 
 import minimoe
-from hf_weights import deepseek_mtp_tensors, randomise, read_all
+from hf_weights import deepseek_mtp_tensors, read_all, save_randomised
 
 transformers = pytest.importorskip("transformers")
 
@@ -55,9 +55,7 @@ def _save_hf(kind, overrides, folder, seed):
     else:
         config = transformers.DeepseekV2Config(**{**V2_BASE, **overrides})
         model = transformers.DeepseekV2ForCausalLM(config)
-    model = randomise(model.float().eval(), seed)
-    model.save_pretrained(folder, max_shard_size="40KB")
-    return model
+    return save_randomised(model, folder, seed)
 
 
 @pytest.fixture(scope="module")

@@ -10,8 +10,7 @@ import torch
 from safetensors.torch import save_file
 
 import minimoe
-from hf_weights import randomise
-from hf_weights import read_all
+from hf_weights import read_all, save_randomised
 from test_checkpoint import _quantise_blocks
 from minimoe.config import ModelConfig
 
@@ -60,9 +59,7 @@ def _tiny_moonlight(folder, seed):
         qk_nope_head_dim=8, v_head_dim=12, max_position_embeddings=128,
         routed_scaling_factor=2.446, rms_norm_eps=1e-5,
         rope_parameters={"rope_type": "default", "rope_theta": 50000.0})
-    model = randomise(transformers.DeepseekV3ForCausalLM(config).float().eval(), seed)
-    model.save_pretrained(folder, max_shard_size="40KB")
-    return model
+    return save_randomised(transformers.DeepseekV3ForCausalLM(config), folder, seed)
 
 
 def test_moonlight_shaped_checkpoint_matches_transformers(tmp_path):
@@ -94,8 +91,7 @@ def v31_checkpoint(tmp_path_factory):
         n_routed_experts=8, n_group=4, topk_group=2, num_experts_per_tok=3,
         first_k_dense_replace=1, kv_lora_rank=16, q_lora_rank=24, qk_rope_head_dim=8,
         qk_nope_head_dim=8, v_head_dim=12, max_position_embeddings=128, routed_scaling_factor=2.5)
-    hf_model = randomise(transformers.DeepseekV3ForCausalLM(config).float().eval(), 13)
-    hf_model.save_pretrained(root / "bf", max_shard_size="40KB")
+    hf_model = save_randomised(transformers.DeepseekV3ForCausalLM(config), root / "bf", 13)
     tensors, dequantised = {}, {}
     for name, tensor in read_all(root / "bf").items():
         if tensor.dim() == 2 and "embed_tokens" not in name and "lm_head" not in name \

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import minimoe
-from hf_weights import deepseek_mtp_tensors, randomise, read_all
+from hf_weights import deepseek_mtp_tensors, read_all, save_randomised
 from minimoe.config import ModelConfig
 
 transformers = pytest.importorskip("transformers")
@@ -65,10 +65,7 @@ CASES = [(family, case) for family, (_, _, cases) in FAMILIES.items() for case i
 def _save_hf(family, case, folder, seed):
     config_class, model_class, cases = FAMILIES[family]
     config = getattr(transformers, config_class)(**{**BASE, **cases[case]})
-    model = getattr(transformers, model_class)(config)
-    model = randomise(model.float().eval(), seed)
-    model.save_pretrained(folder, max_shard_size="40KB")
-    return model
+    return save_randomised(getattr(transformers, model_class)(config), folder, seed)
 
 
 def _expert_names(family, layer, expert):

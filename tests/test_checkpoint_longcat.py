@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import minimoe
-from hf_weights import randomise
+from hf_weights import save_randomised
 from minimoe.config import ModelConfig
 
 transformers = pytest.importorskip("transformers")
@@ -35,10 +35,7 @@ CASES = {
 
 def _save_hf(case, folder, seed):
     config = transformers.LongcatFlashConfig(**{**BASE, **CASES[case]})
-    model = transformers.LongcatFlashForCausalLM(config)
-    model = randomise(model.float().eval(), seed)
-    model.save_pretrained(folder, max_shard_size="40KB")
-    return model
+    return save_randomised(transformers.LongcatFlashForCausalLM(config), folder, seed)
 
 
 @pytest.fixture(scope="module")

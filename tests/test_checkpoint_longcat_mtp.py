@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import save_file
 
 import minimoe
-from hf_weights import randomise
+from hf_weights import save_randomised
 from minimoe.speculative import speculative_generate
 
 transformers = pytest.importorskip("transformers")
@@ -100,9 +100,7 @@ def _write_checkpoint(hf_folder, folder, mtp_tensors, config_changes=None):
 def hf_checkpoint(tmp_path_factory):
     folder = tmp_path_factory.mktemp("longcat_hf")
     model = transformers.LongcatFlashForCausalLM(transformers.LongcatFlashConfig(**BASE))
-    model = randomise(model.float().eval(), seed=3)
-    model.save_pretrained(folder, max_shard_size="40KB")
-    return folder, model
+    return folder, save_randomised(model, folder, seed=3)
 
 
 @pytest.fixture(scope="module")
