@@ -121,7 +121,7 @@ class ModelConfig:
     num_nextn_predict_layers: int = 0
     mtp_loss_weight: float = 0.3
 
-    # ---- LongCat-Flash block shape (shortcut-connected MoE: minimoe.model.ShortcutDecoderLayer) -
+    # ---- LongCat-Flash block shape (shortcut-connected MoE: minimoe.block.ShortcutDecoderLayer) -
     shortcut_moe: bool = False
 
     # ---- execution choices (do not change the function, only how it is computed) ---------
