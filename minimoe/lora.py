@@ -652,7 +652,7 @@ def load_base_model(source: str, config_overrides: Optional[dict] = None, seed: 
     by ``minimoe train`` (config.json is a ModelConfig), or a published checkpoint folder
     or hub id (``minimoe.load_pretrained``). config_overrides: ModelConfig fields of a preset
     (an error with a checkpoint, where they would not apply)."""
-    from minimoe.checkpoint import load_pretrained
+    from minimoe.checkpoints.load import load_pretrained
     from minimoe.config import PRESETS, ModelConfig
     from minimoe.model import Transformer
     from minimoe.train import load_checkpoint
