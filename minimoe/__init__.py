@@ -7,12 +7,15 @@
     minimoe.sizing.count_params(cfg)
 
 Each submodule is one concept, opened by a docstring that teaches it: config, sizing, norm,
-rope, attention, mla, router, balance, experts, moe, mtp, model, generate, data, train, viz.
+rope, attention, mla, router, balance, experts, moe, block, mtp, model, generate, speculative,
+data, train, viz. Published checkpoints (loading, saving, the hub) live in minimoe.checkpoints.
 """
 
 from minimoe import sizing
 from minimoe.config import PRESETS, ModelConfig
-from minimoe.checkpoint import load_pretrained
+from minimoe.checkpoints.export import save_pretrained
+from minimoe.checkpoints.load import load_pretrained
 from minimoe.model import ModelOutput, Transformer
 
-__all__ = ["ModelConfig", "PRESETS", "Transformer", "ModelOutput", "load_pretrained", "sizing"]
+__all__ = ["ModelConfig", "PRESETS", "Transformer", "ModelOutput", "load_pretrained",
+           "save_pretrained", "sizing"]

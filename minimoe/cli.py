@@ -196,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     sizing_parser = commands.add_parser("sizing", help="parameter/FLOP/KV-cache table")
     sizing_parser.add_argument("presets", nargs="*")
     sizing_parser.set_defaults(handler=command_sizing)
-    from minimoe.cli_checkpoint import add_checkpoint_commands
+    from minimoe.checkpoints.cli import add_checkpoint_commands
 
     add_checkpoint_commands(commands)  # generate, chat, convert (published checkpoints)
     options = parser.parse_args(argv)

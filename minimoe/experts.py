@@ -115,7 +115,6 @@ class RoutedExperts(nn.Module):
         self.up_proj = nn.Parameter(torch.empty(E, I, C))  # (E, I, C)
         self.down_proj = nn.Parameter(torch.empty(E, C, I))  # (E, C, I)
         self.init_std = init_std
-        self.fp8_recipe = None  # a minimoe.fp8.Fp8Recipe: FP8 products (minimoe.fp8.convert_to_fp8)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -123,11 +122,10 @@ class RoutedExperts(nn.Module):
             nn.init.normal_(weight, mean=0.0, std=self.init_std)
 
     def expert_forward(self, e: int, x: torch.Tensor) -> torch.Tensor:
-        """Run expert ``e`` alone on its tokens: x (n, C) -> (n, C). The readable version."""
-        if self.fp8_recipe is not None:  # FP8 training: the same three products in FP8
-            from minimoe import fp8  # only FP8 training needs it
+        """Run expert ``e`` alone on its tokens: x (n, C) -> (n, C). The readable version.
 
-            return fp8.expert_forward_fp8(self, e, x)
+        (``minimoe.fp8.Fp8RoutedExperts`` overrides it, and adds ``grouped_swiglu``, to run the
+        same three products in FP8.)"""
         gate = x @ self.gate_proj[e].T  # (n, C) @ (C, I) -> (n, I)
         up = x @ self.up_proj[e].T  # (n, I)
         hidden = F.silu(gate) * up  # (n, I)

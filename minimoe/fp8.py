@@ -173,7 +173,7 @@ the same three GEMMs per expert e (rows block X_e of m_e tokens, its gradient dY
                                   a tile never mixes the tokens of two experts
 
 (a GPU grouped GEMM does the same: its Wgrad is E separate reductions over tokens.)
-``grouped_swiglu_fp8`` is ``minimoe.moe.grouped_swiglu`` with these products.
+``Fp8RoutedExperts.grouped_swiglu`` is ``minimoe.moe.grouped_swiglu`` with these products.
 
 FP8 training of a whole model
 -----------------------------
@@ -235,6 +235,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from minimoe import kernel_switch
+from minimoe.experts import RoutedExperts
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(torch.float8_e4m3fn).max  # 448.0
@@ -759,29 +760,50 @@ def fp8_grouped_linear(rows: torch.Tensor, sizes: Sequence[int], weight: torch.T
     return y.to(_result_dtype(rows))
 
 
-def grouped_swiglu_fp8(rows: torch.Tensor, counts: torch.Tensor, experts,
-                       row_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``minimoe.moe.grouped_swiglu`` with FP8 grouped products: (M, C) -> (M, C).
+class Fp8RoutedExperts(RoutedExperts):
+    """``RoutedExperts`` whose three products per expert run in FP8 (``fp8_recipe``).
 
-    rows sorted by expert, counts (E,) rows per expert, row_scale (M,) or None multiplies
-    each row's hidden activation before the down projection. Uses experts.fp8_recipe.
+    The same parameters under the same names (so checkpoints and optimisers see no
+    difference); ``expert_forward`` (the naive dispatch) and ``grouped_swiglu`` (the sorted
+    dispatch, ``minimoe.moe.grouped_swiglu`` with the grouped FP8 products above) replace the
+    high-precision products. ``convert_to_fp8`` swaps it in, as it swaps ``Fp8Linear`` in for
+    ``nn.Linear``; ``from_experts`` shares the original's Parameter objects.
     """
-    recipe = experts.fp8_recipe or Fp8Recipe()
-    sizes = counts.tolist()  # rows per expert, as Python ints
-    gate = fp8_grouped_linear(rows, sizes, experts.gate_proj, recipe)  # (M, I)
-    up = fp8_grouped_linear(rows, sizes, experts.up_proj, recipe)  # (M, I)
-    hidden = F.silu(gate) * up  # (M, I)
-    if row_scale is not None:
-        hidden = (hidden * row_scale.unsqueeze(-1)).to(hidden.dtype)  # (M, I)
-    return fp8_grouped_linear(hidden, sizes, experts.down_proj, recipe)  # (M, C)
 
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int,
+                 init_std: float = 0.02, recipe: Optional[Fp8Recipe] = None) -> None:
+        super().__init__(num_experts, hidden_size, intermediate_size, init_std)
+        self.fp8_recipe = recipe or Fp8Recipe()
 
-def expert_forward_fp8(experts, e: int, x: torch.Tensor) -> torch.Tensor:
-    """``RoutedExperts.expert_forward`` with FP8 products: expert e on x (n, C) -> (n, C)."""
-    recipe = experts.fp8_recipe or Fp8Recipe()
-    gate = fp8_linear(x, experts.gate_proj[e], recipe=recipe)  # (n, I)
-    up = fp8_linear(x, experts.up_proj[e], recipe=recipe)  # (n, I)
-    return fp8_linear(F.silu(gate) * up, experts.down_proj[e], recipe=recipe)  # (n, C)
+    @classmethod
+    def from_experts(cls, experts: RoutedExperts, recipe: Fp8Recipe) -> "Fp8RoutedExperts":
+        with torch.device("meta"):  # no memory for weights that are replaced at once
+            fp8_experts = cls(experts.num_experts, experts.hidden_size,
+                              experts.intermediate_size, experts.init_std, recipe)
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            setattr(fp8_experts, name, getattr(experts, name))  # the same Parameter objects
+        return fp8_experts.train(experts.training)
+
+    def expert_forward(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        """Expert e on its tokens with FP8 products: x (n, C) -> (n, C)."""
+        gate = fp8_linear(x, self.gate_proj[e], recipe=self.fp8_recipe)  # (n, I)
+        up = fp8_linear(x, self.up_proj[e], recipe=self.fp8_recipe)  # (n, I)
+        return fp8_linear(F.silu(gate) * up, self.down_proj[e], recipe=self.fp8_recipe)  # (n, C)
+
+    def grouped_swiglu(self, rows: torch.Tensor, counts: torch.Tensor,
+                       row_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``minimoe.moe.grouped_swiglu`` with FP8 grouped products: (M, C) -> (M, C).
+
+        rows sorted by expert, counts (E,) rows per expert, row_scale (M,) or None multiplies
+        each row's hidden activation before the down projection.
+        """
+        sizes = counts.tolist()  # rows per expert, as Python ints
+        gate = fp8_grouped_linear(rows, sizes, self.gate_proj, self.fp8_recipe)  # (M, I)
+        up = fp8_grouped_linear(rows, sizes, self.up_proj, self.fp8_recipe)  # (M, I)
+        hidden = F.silu(gate) * up  # (M, I)
+        if row_scale is not None:
+            hidden = (hidden * row_scale.unsqueeze(-1)).to(hidden.dtype)  # (M, I)
+        return fp8_grouped_linear(hidden, sizes, self.down_proj, self.fp8_recipe)  # (M, C)
 
 
 # ----------------------------------------------------------------------------- whole models
@@ -794,22 +816,21 @@ def convert_to_fp8(model: nn.Module, scale_fmt: str = "fp32", grad_fmt: str = "e
 
     Every ``nn.Linear`` except the output head (``HIGH_PRECISION_LINEARS``) becomes an
     ``Fp8Linear`` holding a float32 copy of the same weight under the same names; every
-    ``RoutedExperts`` gets ``fp8_recipe`` set, which routes its products through
-    ``grouped_swiglu_fp8`` / ``expert_forward_fp8``. Embedding, output head, router, norms
-    and the attention operator are untouched. Build the optimiser *after* converting (the
-    converted layers hold new Parameter objects). Returns the converted modules' names.
+    ``RoutedExperts`` becomes an ``Fp8RoutedExperts`` sharing its parameters. Embedding,
+    output head, router, norms and the attention operator are untouched. Build the optimiser
+    *after* converting (the converted linear layers hold new Parameter objects). Returns the
+    converted modules' names.
     """
-    from minimoe.experts import RoutedExperts  # minimoe.experts imports this module lazily
-
     recipe = Fp8Recipe(scale_fmt, grad_fmt, grad_amax_floor)
     converted = []
     for parent_name, parent in list(model.named_modules()):
-        if isinstance(parent, RoutedExperts):
-            parent.fp8_recipe = recipe
-            converted.append(parent_name)
         for name, child in list(parent.named_children()):
+            full_name = f"{parent_name}.{name}" if parent_name else name
             if type(child) is nn.Linear and name not in HIGH_PRECISION_LINEARS:
                 setattr(parent, name, Fp8Linear.from_linear(child, scale_fmt, grad_fmt,
                                                             grad_amax_floor))
-                converted.append(f"{parent_name}.{name}" if parent_name else name)
+                converted.append(full_name)
+            elif type(child) is RoutedExperts:
+                setattr(parent, name, Fp8RoutedExperts.from_experts(child, recipe))
+                converted.append(full_name)
     return sorted(converted)

@@ -90,7 +90,7 @@ Gradient checkpointing
 LoRA shrinks the optimiser state but not the activations: backward still needs every
 layer's inputs. ``model.gradient_checkpointing = True`` (``--grad-checkpointing``) stores
 only each decoder layer's input and recomputes the rest in backward
-(``minimoe.model.run_layer``), trading about one extra forward for activation memory.
+(``minimoe.block.run_layer``), trading about one extra forward for activation memory.
 QLoRA uses it for the same reason. The gradients are the same as without it.
 
 What the reader should notice
@@ -272,6 +272,9 @@ class QuantizedRoutedExperts(RoutedExperts):
 
     def __init__(self, experts: RoutedExperts, kind: str) -> None:
         nn.Module.__init__(self)
+        if hasattr(experts, "grouped_swiglu"):  # e.g. minimoe.fp8.Fp8RoutedExperts
+            raise ValueError(f"{type(experts).__name__} brings its own expert products; a "
+                             f"quantised frozen base would bypass them (use one or the other)")
         for key, value in vars(experts).items():
             if not key.startswith("_") and key not in ("training", *self._WEIGHTS):
                 setattr(self, key, value)  # num_experts, hidden_size, intermediate_size, ...
@@ -294,7 +297,7 @@ class QuantizedRoutedExperts(RoutedExperts):
         experts = experts.to(device=gate.device, dtype=gate.dtype)
         for key, value in vars(self).items():
             if not key.startswith("_") and key != "training":
-                setattr(experts, key, value)  # options such as fp8_recipe
+                setattr(experts, key, value)  # sizes and options (init_std, ...)
         with torch.no_grad():
             experts.gate_proj.copy_(gate)
             experts.up_proj.copy_(self.up_proj)
@@ -649,7 +652,7 @@ def load_base_model(source: str, config_overrides: Optional[dict] = None, seed: 
     by ``minimoe train`` (config.json is a ModelConfig), or a published checkpoint folder
     or hub id (``minimoe.load_pretrained``). config_overrides: ModelConfig fields of a preset
     (an error with a checkpoint, where they would not apply)."""
-    from minimoe.checkpoint import load_pretrained
+    from minimoe.checkpoints.load import load_pretrained
     from minimoe.config import PRESETS, ModelConfig
     from minimoe.model import Transformer
     from minimoe.train import load_checkpoint

@@ -126,7 +126,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from minimoe import balance, fp8, kernel_switch
+from minimoe import balance, kernel_switch
 from minimoe.config import ModelConfig
 from minimoe.experts import RoutedExperts, SwiGLU
 from minimoe.router import Router
@@ -277,10 +277,11 @@ def grouped_swiglu(rows: torch.Tensor, counts: torch.Tensor, experts: RoutedExpe
     or None multiplies each row's hidden activation before the down projection.
     GMM(A, W) below = row block e of A times W[e]; autograd differentiates it as
     dA = GMM(dY, W^T) and dW[e] = A_e^T dY_e -- the backward is grouped matmuls too.
-    Experts marked for FP8 training (``minimoe.fp8.convert_to_fp8``) run FP8 grouped products.
+    Experts that bring their own grouped products (``minimoe.fp8.Fp8RoutedExperts``, which
+    ``minimoe.fp8.convert_to_fp8`` swaps in for FP8 training) run those instead.
     """
-    if experts.fp8_recipe is not None:
-        return fp8.grouped_swiglu_fp8(rows, counts, experts, row_scale)  # (M, C)
+    if hasattr(experts, "grouped_swiglu"):
+        return experts.grouped_swiglu(rows, counts, row_scale)  # (M, C)
     if backend == "grouped_mm":
         offs = counts.cumsum(0).to(torch.int32)  # (E,) end row of each expert's block
         # torch._grouped_mm(a (M, K), b (E, K, N), offs) -> (M, N): block e of a times b[e].
@@ -326,7 +327,7 @@ def dispatch_sorted(
     kernel = kernel_switch.fused_moe_kernel(x) if backend is None else None
     if (kernel is not None and experts.gate_proj.dtype == x.dtype
             and x.dtype in (torch.float32, torch.float16, torch.bfloat16)
-            and getattr(experts, "fp8_recipe", None) is None):
+            and not hasattr(experts, "grouped_swiglu")):
         return kernel(x, topk_idx, topk_weight, experts.gate_proj, experts.up_proj,
                       experts.down_proj, mask=mask, check_indices=False)  # (N, C)
     N, C = x.shape

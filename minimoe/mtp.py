@@ -39,7 +39,9 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
+from minimoe.block import DecoderLayer, merge_moe_aux
 from minimoe.cache import KVCache
 from minimoe.config import ModelConfig
 from minimoe.norm import RMSNorm
@@ -50,8 +52,6 @@ class MTPModule(nn.Module):
 
     def __init__(self, cfg: ModelConfig, depth: int) -> None:
         super().__init__()
-        from minimoe.model import DecoderLayer  # model imports this module lazily
-
         self.depth = depth
         self.enorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)  # for Emb(t_{i+k})
         self.hnorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)  # for h^{k-1}_i
@@ -82,3 +82,30 @@ class MTPModule(nn.Module):
     def logits(self, hidden: torch.Tensor, lm_head: nn.Module) -> torch.Tensor:
         """(B, T', C) -> (B, T', V): this module's final norm, then the shared output head."""
         return lm_head(self.final_norm(hidden))
+
+
+def mtp_losses(model: nn.Module, hidden: torch.Tensor, input_ids: torch.Tensor,
+               targets: torch.Tensor, positions: torch.Tensor, router_stats: dict,
+               losses: dict) -> list[torch.Tensor]:
+    """Cross-entropy of each MTP depth k = 1..D of ``model`` (DeepSeek-V3 Eq. 21-24).
+
+    Depth k at position i combines h^{k-1}_i with Emb(t_{i+k}) and predicts t_{i+k+1}.
+    With targets[:, i] = t_{i+1}, that is input_ids[:, k:] for the embeddings and
+    targets[:, k:] for the labels; each depth is one position shorter than the last.
+    hidden (B, T, C) is h^0; the modules' router statistics and balance losses are merged
+    into router_stats / losses under "mtp.{k-1}". The weighted sum (lambda / D) * sum_k is
+    the caller's (``minimoe.model.Transformer.forward``).
+    """
+    T = input_ids.shape[1]
+    ce_per_depth = []
+    h = hidden  # h^0: the main model's last hidden state (before its final norm)
+    for k, module in enumerate(model.mtp, start=1):
+        h = h[:, : T - k]  # (B, T-k, C) positions that still have a token k ahead
+        next_embeddings = model.embed_tokens(input_ids[:, k:])  # (B, T-k, C) Emb(t_{i+k})
+        h, moe_aux = module(h, next_embeddings, positions[: T - k])  # (B, T-k, C)
+        merge_moe_aux(f"mtp.{k - 1}", moe_aux, router_stats, losses)
+        logits_k = module.logits(h, model.lm_head)  # (B, T-k, V) shared output head
+        labels_k = targets[:, k:]  # (B, T-k) t_{i+k+1}
+        ce_per_depth.append(F.cross_entropy(logits_k.float().reshape(-1, logits_k.shape[-1]),
+                                            labels_k.reshape(-1), ignore_index=-100))
+    return ce_per_depth

@@ -221,7 +221,7 @@ def test_fp8_block_weights_are_dequantised_on_load(tmp_path):
 def test_dequantize_fp8_blocks_scales_each_block(shape, block):
     """Against a loop over the (b0 x b1) blocks, partial edge blocks and non-square blocks
     included: W[block (i, j)] = fp8[block (i, j)] * scale_inv[i, j]."""
-    from minimoe.checkpoint import dequantize_fp8_blocks
+    from minimoe.checkpoints.shards import dequantize_fp8_blocks
 
     generator = torch.Generator().manual_seed(4)
     qweight = (torch.randn(shape, generator=generator) * 50).to(torch.float8_e4m3fn)

@@ -11,7 +11,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import minimoe
-from minimoe.export import save_pretrained
+from minimoe.checkpoints.export import save_pretrained
 
 INDEX = "model.safetensors.index.json"
 

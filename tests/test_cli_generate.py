@@ -14,8 +14,8 @@ pytest.importorskip("jinja2")
 import minimoe  # noqa: E402
 from hf_weights import randomise  # noqa: E402
 from minimoe import cli  # noqa: E402
-from minimoe.export import save_pretrained  # noqa: E402
-from minimoe.tokenizer import load_tokenizer  # noqa: E402
+from minimoe.checkpoints.export import save_pretrained  # noqa: E402
+from minimoe.checkpoints.tokenizer import load_tokenizer  # noqa: E402
 from tiny_tokenizer import save_tokenizer  # noqa: E402
 
 VOCAB = 300

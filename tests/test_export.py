@@ -1,4 +1,4 @@
-"""minimoe.export: save_pretrained writes a folder that transformers 5.23 loads with the same
+"""minimoe.checkpoints.export: save_pretrained writes a folder that transformers 5.23 loads with the same
 logits as the minimoe model (DeepSeek-V3 with interleaved rope rows, Qwen3-MoE, Mixtral) and
 that load_pretrained reads back tensor for tensor; convert_fp8_to_bf16 dequantises a sharded
 FP8 checkpoint into one that loads equal to the FP8 load."""
@@ -12,7 +12,7 @@ from safetensors import safe_open
 import minimoe
 from hf_weights import PARITY_ATOL, randomise
 from minimoe.config import ModelConfig
-from minimoe.export import convert_fp8_to_bf16, family_config, parse_size, save_pretrained
+from minimoe.checkpoints.export import convert_fp8_to_bf16, family_config, parse_size, save_pretrained
 
 transformers = pytest.importorskip("transformers")
 from hf_weights import read_all  # noqa: E402
@@ -147,7 +147,7 @@ def test_convert_fp8_to_bf16(tmp_path):
         else:
             tensors.append((name, tensor))
     # write the FP8 checkpoint sharded, with an index, a tokenizer file alongside
-    from minimoe.export import _write_index, _write_shards
+    from minimoe.checkpoints.shards import write_index as _write_index, write_shards as _write_shards
 
     source = tmp_path / "fp8"
     source.mkdir()
@@ -199,7 +199,7 @@ def test_convert_fp8_to_bf16(tmp_path):
     with pytest.raises(ValueError, match=r"weight_scale_inv \(in model-\d+-of-\d+\.safetensors\)"
                                          r".*not a positive power of two"):
         convert_fp8_to_bf16(source, tmp_path / "ue8m0")
-    offloaded.expert_store.scale_fmt = "ue8m0"
+    offloaded.expert_store.files.scale_fmt = "ue8m0"
     offloaded.expert_store.cache.clear()
     with pytest.raises(ValueError, match=r"experts\.\d+\.\w+_proj\.weight_scale_inv.*power of two"):
         with torch.no_grad():

@@ -135,8 +135,7 @@ def test_fp8_dispatches_agree_and_track_float32(intermediate):
         return y.detach(), xi.grad, [p.grad.clone() for p in module.parameters()]
 
     reference = run(experts, dispatch_sorted)
-    experts8 = copy.deepcopy(experts)
-    experts8.fp8_recipe = Fp8Recipe()
+    experts8 = fp8.Fp8RoutedExperts.from_experts(copy.deepcopy(experts), Fp8Recipe())
     sorted8 = run(experts8, dispatch_sorted)
     naive8 = run(experts8, dispatch_naive)
     # same quantisation tiles either way, so only float32 rounding separates them -- except

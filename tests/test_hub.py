@@ -1,4 +1,4 @@
-"""minimoe.hub: which shards a layer subset needs (from an index json), the two-step download
+"""minimoe.checkpoints.hub: which shards a layer subset needs (from an index json), the two-step download
 through snapshot_download (replaced by a local fake hub: no network), and the offline /
 missing-package / unknown-repo errors."""
 
@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import save_file
 
 import minimoe
-from minimoe import hub
+from minimoe.checkpoints import hub
 
 huggingface_hub = pytest.importorskip("huggingface_hub")
 
@@ -67,7 +67,7 @@ def _fake_hub(remote, calls):
 
 def _tiny_sharded_checkpoint(folder):
     """A 3-layer dense-then-MoE minimoe model saved with one shard per layer."""
-    from minimoe.export import save_pretrained
+    from minimoe.checkpoints.export import save_pretrained
 
     cfg = minimoe.ModelConfig.preset("toy", vocab_size=64, hidden_size=32, num_hidden_layers=3,
                                      num_attention_heads=2, intermediate_size=48,

@@ -1,4 +1,4 @@
-"""LongCat-Flash's shortcut-connected MoE block (minimoe.model.ShortcutDecoderLayer): the full
+"""LongCat-Flash's shortcut-connected MoE block (minimoe.block.ShortcutDecoderLayer): the full
 preset builds (meta device) with count_params' parameter count, the layer computes the ScMoE
 formula, a tiny model trains, and cached decoding (two cache slots per layer) equals the
 uncached one."""
@@ -7,7 +7,8 @@ import pytest
 import torch
 
 import minimoe
-from minimoe.model import ShortcutDecoderLayer, Transformer
+from minimoe.block import ShortcutDecoderLayer
+from minimoe.model import Transformer
 from minimoe.sizing import count_params
 
 

@@ -8,9 +8,9 @@ import torch
 import minimoe
 from hf_weights import randomise
 from minimoe.experts import RoutedExperts
-from minimoe.export import save_pretrained
+from minimoe.checkpoints.export import save_pretrained
 from minimoe.moe import MoE
-from minimoe.offload import OffloadedExperts, offload_stats
+from minimoe.checkpoints.offload import OffloadedExperts, offload_stats
 
 E = 8
 

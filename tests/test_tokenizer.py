@@ -1,4 +1,4 @@
-"""minimoe.tokenizer: tokenizer.json through `tokenizers`, special tokens from
+"""minimoe.checkpoints.tokenizer: tokenizer.json through `tokenizers`, special tokens from
 tokenizer_config.json, and a DeepSeek-style chat template rendered with jinja2 (expected texts
 written out by hand, and equal to transformers' apply_chat_template), plus the errors for
 missing or inconsistent files."""
@@ -10,7 +10,7 @@ import pytest
 pytest.importorskip("tokenizers")
 pytest.importorskip("jinja2")
 
-from minimoe.tokenizer import load_tokenizer  # noqa: E402
+from minimoe.checkpoints.tokenizer import load_tokenizer  # noqa: E402
 from tiny_tokenizer import ASSISTANT, BOS, CHAT_TEMPLATE, EOS, USER, save_tokenizer  # noqa: E402
 
 

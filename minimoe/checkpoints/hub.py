@@ -19,7 +19,7 @@ So a download is two steps:
 Both steps go through ``huggingface_hub.snapshot_download(allow_patterns=...)``, which
 keeps files in the shared hub cache: a second call finds them there and downloads nothing.
 A tensor is *not* needed when it belongs to a decoder layer left out of ``layers`` (and,
-with a subset, the multi-token-prediction modules, which ``minimoe.checkpoint.load_pretrained``
+with a subset, the multi-token-prediction modules, which ``minimoe.checkpoints.load.load_pretrained``
 skips then: DeepSeek's layers after the last main layer, LongCat-Flash's ``model.mtp.*``);
 every other tensor is.
 
@@ -38,10 +38,14 @@ import os
 import re
 from typing import Iterable, Optional
 
-INDEX_FILE = "model.safetensors.index.json"
+from minimoe.checkpoints.families import FAMILIES
+from minimoe.checkpoints.shards import INDEX_FILE, weight_map_of
+
 SMALL_FILE_PATTERNS = ["*.json", "*.jinja"]  # config, index, tokenizer, chat template
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
-_MTP_MODULE = "model.mtp."  # LongCat-Flash's MTP module (not numbered as a layer)
+# MTP modules stored under a prefix of their own, not numbered as layers (LongCat-Flash's)
+_MTP_PREFIXES = tuple(sorted({f.names.mtp.prefix for f in FAMILIES
+                              if "{index}" not in f.names.mtp.prefix}))
 
 
 class HubDownloadError(OSError):
@@ -70,7 +74,7 @@ def needed_shards(weight_map: dict[str, str],
         match = _LAYER.match(name)
         if keep is not None and match is not None and int(match.group(1)) not in keep:
             continue
-        if keep is not None and name.startswith(_MTP_MODULE):
+        if keep is not None and name.startswith(_MTP_PREFIXES):
             continue
         shards.add(shard)
     return sorted(shards)
@@ -128,7 +132,5 @@ def download_checkpoint(repo_id: str, layers: Optional[Iterable[int]] = None,
     index_path = os.path.join(folder, INDEX_FILE)
     if not os.path.exists(index_path):
         return _snapshot(repo_id, ["*.safetensors"], revision)  # one model.safetensors
-    from minimoe.checkpoint import checkpoint_weight_map
-
-    weight_map = checkpoint_weight_map(folder)  # a malformed index is an error naming it
+    weight_map = weight_map_of(folder)  # a malformed index is an error naming it
     return _snapshot(repo_id, needed_shards(weight_map, layers), revision)

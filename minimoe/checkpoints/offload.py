@@ -42,6 +42,7 @@ What the reader should notice
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections import OrderedDict
 from typing import Optional
@@ -49,6 +50,9 @@ from typing import Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from minimoe.checkpoints.shards import CheckpointFiles
+from minimoe.experts import RoutedExperts
 
 PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 
@@ -59,46 +63,32 @@ class ExpertStore:
     sources: {(module name, expert): {projection: (tensor name, shard file)}}.
     """
 
-    def __init__(self, folder: str, weight_map: dict[str, str],
+    def __init__(self, files: CheckpointFiles,
                  sources: dict[tuple[str, int], dict[str, tuple[str, str]]], capacity: int,
-                 dtype: torch.dtype, device: torch.device,
-                 block: tuple[int, int] = (128, 128), scale_fmt: Optional[str] = None) -> None:
+                 device: torch.device) -> None:
         if capacity < 1:
             raise ValueError(f"expert_cache_size must be >= 1 (experts), got {capacity}")
-        self.folder = folder
-        self.weight_map = weight_map
+        # the shards stay open (memory maps); FP8 experts are dequantised on each read
+        self.files = dataclasses.replace(files, caller="load_pretrained(offload_experts=True)",
+                                         handles={})
         self.sources = sources
         self.capacity = capacity
-        self.dtype = dtype
+        self.dtype = files.dtype
         self.device = device
-        self.block = block
-        self.scale_fmt = scale_fmt  # quantization_config.scale_fmt: None or "ue8m0"
         self.cache: OrderedDict = OrderedDict()  # (module, expert) -> (gate, up, down)
-        self.handles: dict[str, object] = {}  # shard file -> open safe_open handle
         self.hits = self.misses = self.evictions = self.bytes_loaded = 0
         # set to [] to record every request (module, expert) in order; None = no record (a
         # long generation with a large model would otherwise grow it without bound)
         self.trace: Optional[list[tuple[str, int]]] = None
 
-    def _handle(self, file_name: str, tensor_name: str):
-        from minimoe.checkpoint import open_shard
-
-        if file_name not in self.handles:
-            self.handles[file_name] = open_shard(self.folder, file_name, tensor_name)
-        return self.handles[file_name]
-
     def _read(self, tensor_name: str, file_name: str) -> torch.Tensor:
-        from minimoe.checkpoint import read_weight
-
-        tensor, nbytes = read_weight(self._handle, tensor_name, file_name, self.weight_map,
-                                     self.block, self.dtype, self.scale_fmt,
-                                     "load_pretrained(offload_experts=True)")
+        tensor, nbytes = self.files.read(tensor_name)
         self.bytes_loaded += nbytes
         return tensor.to(device=self.device, dtype=self.dtype, copy=True)  # own aligned memory
 
     def shape(self, tensor_name: str, file_name: str) -> tuple:
         """A tensor's shape from the file header, without reading its bytes."""
-        return tuple(self._handle(file_name, tensor_name).get_slice(tensor_name).get_shape())
+        return self.files.shape(tensor_name)
 
     def get(self, module: str, expert: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Expert ``expert`` of MoE module ``module``: (gate (I, C), up (I, C), down (C, I))."""
@@ -131,7 +121,7 @@ class ExpertStore:
             self.trace.clear()
 
     def close(self) -> None:
-        self.handles.clear()
+        self.files.close()
         self.cache.clear()
 
 
@@ -162,26 +152,22 @@ class OffloadedExperts(nn.Module):
                 f"{self.store.capacity} experts)")
 
 
-def attach_offloaded_experts(model: nn.Module, folder: str, weight_map: dict[str, str],
+def attach_offloaded_experts(model: nn.Module, files: CheckpointFiles,
                              expert_plan: dict[str, tuple[str, int]], capacity: int,
-                             dtype: torch.dtype, device: torch.device,
-                             block: tuple[int, int],
-                             scale_fmt: Optional[str] = None) -> ExpertStore:
+                             device: torch.device) -> ExpertStore:
     """Replace every RoutedExperts of ``model`` by an OffloadedExperts reading from disk.
 
     expert_plan: {checkpoint tensor name: (stacked minimoe name "….experts.gate_proj", expert)}
-    as ``minimoe.checkpoint`` maps them. Every expert's three matrices must be in the plan with
+    as ``minimoe.checkpoints.load`` maps them. Every expert's three matrices must be in the plan with
     the shapes the model expects (KeyError / ValueError naming the tensor and file otherwise).
     Returns the store (also at ``model.expert_store``).
     """
-    from minimoe.experts import RoutedExperts
-
     sources: dict[tuple[str, int], dict[str, tuple[str, str]]] = {}
     for tensor_name, (stacked, expert) in expert_plan.items():
         module_name, projection = stacked.rsplit(".", 1)
         sources.setdefault((module_name, expert), {})[projection] = (
-            tensor_name, weight_map[tensor_name])
-    store = ExpertStore(folder, weight_map, sources, capacity, dtype, device, block, scale_fmt)
+            tensor_name, files.weight_map[tensor_name])
+    store = ExpertStore(files, sources, capacity, device)
     for module_name, module in list(model.named_modules()):
         if not isinstance(module, RoutedExperts):
             continue
@@ -193,7 +179,7 @@ def attach_offloaded_experts(model: nn.Module, folder: str, weight_map: dict[str
                 if projection not in found:
                     raise KeyError(f"load_pretrained(offload_experts=True): expert {e} "
                                    f"{projection} of {module_name} is not in the checkpoint "
-                                   f"{folder}")
+                                   f"{files.folder}")
                 tensor_name, file_name = found[projection]
                 shape = store.shape(tensor_name, file_name)
                 if shape != wanted[projection]:

@@ -6,9 +6,9 @@
     minimoe chat CKPT [--system "..."] [same sampling and loading options]
     minimoe convert fp8-to-bf16 SRC DST
 
-CKPT is a local checkpoint folder or a hub repo id (``minimoe.hub``; with ``--layers`` only
+CKPT is a local checkpoint folder or a hub repo id (``minimoe.checkpoints.hub``; with ``--layers`` only
 the shards holding those layers are downloaded). The text goes through the checkpoint's own
-tokenizer (``minimoe.tokenizer``). ``generate`` prints the prompt and its continuation on
+tokenizer (``minimoe.checkpoints.tokenizer``). ``generate`` prints the prompt and its continuation on
 stdout and the speed (and, with --speculative, the draft acceptance; with --offload-experts,
 the expert cache's hits and misses) on stderr. ``chat`` reads one user message per line of
 stdin, keeps the conversation, renders it with the chat template and prints each answer on
@@ -104,8 +104,8 @@ def add_checkpoint_commands(commands) -> None:
 
 def _load(options):
     """(model, tokenizer) from the options; the tokenizer is read first (a quick failure)."""
-    from minimoe.checkpoint import load_pretrained, resolve_checkpoint_folder
-    from minimoe.tokenizer import load_tokenizer
+    from minimoe.checkpoints.load import load_pretrained, resolve_checkpoint_folder
+    from minimoe.checkpoints.tokenizer import load_tokenizer
 
     folder = resolve_checkpoint_folder(options.checkpoint, options.layers)
     tokenizer = load_tokenizer(folder)
@@ -217,10 +217,10 @@ def command_chat(options: argparse.Namespace, stdin=None) -> int:
 
 
 def command_convert(options: argparse.Namespace) -> int:
-    from minimoe.export import convert_fp8_to_bf16
+    from minimoe.checkpoints.export import convert_fp8_to_bf16
 
     start = time.perf_counter()
-    report = convert_fp8_to_bf16(options.source, options.destination)
+    report = convert_fp8_to_bf16(options.source, options.destination, progress=True)
     print(f"converted {options.source} -> {options.destination}: {report['tensors']} tensors "
           f"({report['dequantised']} dequantised from FP8) in {report['shards']} shards, "
           f"{time.perf_counter() - start:.1f} s")
