@@ -15,7 +15,7 @@ from hf_weights import PARITY_ATOL, deepseek_mtp_tensors, read_all, save_randomi
 transformers = pytest.importorskip("transformers")
 
 SEQ = 24  # longer than the YaRN original length below, so the ramp and mscale matter
-ATOL = PARITY_ATOL  # measured <= 3.6e-6 (see hf_weights)
+ATOL = PARITY_ATOL  # measured <= 4.1e-6 (see hf_weights)
 
 V3_BASE = dict(
     vocab_size=96, hidden_size=32, intermediate_size=40, moe_intermediate_size=16,

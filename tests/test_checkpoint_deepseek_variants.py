@@ -17,7 +17,7 @@ from minimoe.config import ModelConfig
 transformers = pytest.importorskip("transformers")
 
 SEQ = 20
-ATOL = PARITY_ATOL  # measured <= 3.6e-6 (see hf_weights)
+ATOL = PARITY_ATOL  # measured <= 4.1e-6 (see hf_weights)
 # Moonlight-16B-A3B's config.json (architecture keys)
 MOONLIGHT = {
     "architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3",

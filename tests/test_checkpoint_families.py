@@ -14,7 +14,7 @@ from minimoe.config import ModelConfig
 transformers = pytest.importorskip("transformers")
 
 SEQ = 24
-ATOL = PARITY_ATOL  # measured <= 3.6e-6 (see hf_weights)
+ATOL = PARITY_ATOL  # measured <= 4.1e-6 (see hf_weights)
 BASE = dict(vocab_size=96, hidden_size=32, intermediate_size=40, num_hidden_layers=3,
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
 

@@ -14,7 +14,7 @@ from minimoe.config import ModelConfig
 transformers = pytest.importorskip("transformers")
 
 SEQ = 24
-ATOL = PARITY_ATOL  # measured <= 3.6e-6 (see hf_weights)
+ATOL = PARITY_ATOL  # measured <= 4.1e-6 (see hf_weights)
 # 6 FFN experts + 2 identity experts, top-3; q/kv latents narrower than hidden, so the
 # LongCat latent scales sqrt(C / r) are not 1
 BASE = dict(vocab_size=96, hidden_size=32, num_layers=3, num_attention_heads=4,
