@@ -24,7 +24,9 @@ among a handful of knobs, and this file names them all:
 * balance: aux_loss_alpha (Switch/GShard), seq_aux_loss_alpha (DeepSeek-V3 Eq. 17-20),
   z_loss_coef (ST-MoE), bias_update_rate (gamma of the aux-loss-free update),
   capacity_factor (token dropping).
-* MTP: num_nextn_predict_layers modules, weighted by mtp_loss_weight (DeepSeek-V3 §2.2).
+* MTP: num_nextn_predict_layers modules, weighted by mtp_loss_weight (DeepSeek-V3 §2.2),
+  fed the main model's last hidden state after (mtp_input "post_norm") or before
+  ("pre_norm") its final RMSNorm (``minimoe.mtp`` cites what each runtime does).
 
 Names follow the Hugging Face DeepSeek-V3 ``config.json`` wherever a name exists there, so
 ``ModelConfig.from_hf(config_json)`` is a thin mapping; fields with no HF name use plain
@@ -50,6 +52,7 @@ ATTENTION_KINDS = ("mha", "gqa", "mla")
 SCORING_FUNCS = ("softmax", "sigmoid")
 TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
 QK_NORM_KINDS = ("none", "per_head", "full")
+MTP_INPUTS = ("post_norm", "pre_norm")
 DISPATCH_KINDS = ("naive", "sorted")
 KERNEL_KINDS = ("reference", "triton")
 
@@ -120,6 +123,11 @@ class ModelConfig:
     # ---- multi-token prediction ----------------------------------------------------------
     num_nextn_predict_layers: int = 0
     mtp_loss_weight: float = 0.3
+    # Which state of the main model feeds MTP module 1 (and of module k, module k+1):
+    # "post_norm" = after the final RMSNorm (model.norm; module k's own final norm), what every
+    # runtime serving released MTP weights does (vLLM, SGLang, Megatron-LM, Ling's own code);
+    # "pre_norm" = the residual stream before it. See minimoe.mtp for the sources.
+    mtp_input: str = "post_norm"
 
     # ---- LongCat-Flash block shape (shortcut-connected MoE: minimoe.block.ShortcutDecoderLayer) -
     shortcut_moe: bool = False
@@ -162,6 +170,8 @@ class ModelConfig:
             self._need(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
         self._need(self.num_nextn_predict_layers >= 0,
                    f"num_nextn_predict_layers must be >= 0, got {self.num_nextn_predict_layers}")
+        self._need(self.mtp_input in MTP_INPUTS,
+                   f"mtp_input must be one of {MTP_INPUTS}, got {self.mtp_input!r}")
 
     def _need(self, condition: bool, message: str) -> None:
         if not condition:
@@ -309,11 +319,13 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, values: dict) -> "ModelConfig":
+        """A ModelConfig from ``to_dict``'s output (a minimoe checkpoint's config.json)."""
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(values) - known
         if unknown:
             raise ValueError(f"ModelConfig has no field(s) {sorted(unknown)}")
-        return cls(**values)
+        # configs saved before mtp_input existed trained their MTP modules on the pre-norm state
+        return cls(**{"mtp_input": "pre_norm", **values})
 
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> "ModelConfig":

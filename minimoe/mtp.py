@@ -16,10 +16,53 @@ Module k at position i (V3 Eq. 21-23):
 
     L_MTP^k  = CE(P^k, t_{i+k+1})      L_MTP = (lambda / D) * sum_k L_MTP^k   (Eq. 24-25)
 
-h_i^0 is the main model's final hidden state (before its last norm). The embedding and
-the output head are *shared* with the main model; each module owns enorm, hnorm, eh_proj,
-one decoder block and its final norm (called ``shared_head.norm`` in the checkpoints).
+The embedding and the output head are *shared* with the main model; each module owns
+enorm, hnorm, eh_proj, one decoder block and its final norm (called ``shared_head.norm`` in
+DeepSeek's checkpoints, ``final_layernorm`` in Ling's, ``model.mtp.norm`` in LongCat's).
 lambda was 0.3 for the first 10T tokens of V3's training, then 0.1.
+
+Which hidden state is h^0? (``ModelConfig.mtp_input``)
+-----------------------------------------------------
+The report says only "the representation given by the main model". The main model's last
+block leaves a residual-stream state x; the final RMSNorm turns it into norm(x), which the
+output head reads. Every runtime that serves released MTP weights feeds the module
+**norm(x), the state after the final norm** ("post_norm"), and, for depth k+1, module k's
+output after its own final norm:
+
+* DeepSeek-V3/V3.1: vLLM ``model_executor/models/deepseek_mtp.py``,
+  ``DeepSeekMultiTokenPredictorLayer.forward`` applies hnorm to ``previous_hidden_states``,
+  the target model's output: ``deepseek_v2.py`` ``DeepseekV2Model.forward`` returns
+  ``self.norm(hidden_states, residual)`` (``compute_logits`` applies the head to it
+  directly), and ``v1/worker/gpu_model_runner.py`` hands those states to the drafter.
+  SGLang ``models/deepseek_nextn.py`` ``DeepseekModelNextN.forward`` applies hnorm to
+  ``spec_info.hidden_states``, which ``layers/logits_processor.py``
+  ``LogitsProcessor.forward`` stores from the head's input, ``DeepseekV2Model.forward``'s
+  normed output. DeepSeek's own ``inference/model.py`` has no MTP forward (its README
+  leaves MTP to the community runtimes).
+* GLM-4.5: vLLM ``glm4_moe_mtp.py`` ``Glm4MoeMultiTokenPredictorLayer.forward`` (target:
+  ``glm4_moe.py`` ``Glm4MoeModel``, head applied directly in ``compute_logits``); SGLang
+  ``glm4_moe_nextn.py`` ``Glm4MoeModelNextN.forward``. Both as for DeepSeek.
+* LongCat-Flash: vLLM ``longcat_flash_mtp.py`` ``LongCatMultiTokenPredictorLayer.forward``
+  (target: ``longcat_flash.py`` ``FlashModel.forward`` returns ``self.norm(...)``); SGLang
+  ``longcat_flash_nextn.py`` ``LongcatFlashModelNextN.forward``; Meituan's own engine
+  (meituan-longcat/SGLang-FluentLLM ``models/flash_nextn.py``,
+  ``FLASHModelNextN.forward``): hnorm of the captured, normed target state.
+* Ling-2.0 (bailing_moe_v2): inclusionAI's ``models/modeling_bailing_moe_v2.py``,
+  ``BailingMoeV2Model.forward``: ``hidden_states = self.norm(hidden_states)`` and then the
+  MTP layers, each fed the previous one's output after its ``final_layernorm``
+  (``BailingMoeV2MTPLayer.forward``); inclusionAI's SGLang patch
+  (``inference/sglang/bailing_moe_v2.patch``, ``BailingMoEModelNextN.forward``) and SGLang
+  ``bailing_moe_nextn.py`` do the same; vLLM's Bailing drafters (``bailing_mtp.py``,
+  ``bailing_moe_mtp.py``) likewise.
+* Training: Megatron-LM (which Ling-2.0 is trained with) ``models/gpt/gpt_model.py``
+  ``GPTModel._postprocess`` passes the decoder's output -- after ``TransformerBlock``'s
+  ``final_layernorm`` -- to ``transformer/multi_token_prediction.py``
+  ``MultiTokenPredictionBlock.forward``, whose layers each end with their own
+  ``final_layernorm`` (``MultiTokenPredictionLayer._postprocess``) and feed the next.
+
+minimoe therefore defaults to "post_norm" and the checkpoint families set it; "pre_norm"
+(the residual stream, what minimoe fed before) remains for comparison. Fed the wrong state,
+a released module's logits move by O(1) while the main logits are unaffected.
 
 Which half comes first in the concatenation? Eq. 21 of the report writes [h ; Emb], but
 the released checkpoints (and DeepSeek's and SGLang's inference code) concatenate the
@@ -84,28 +127,62 @@ class MTPModule(nn.Module):
         return lm_head(self.final_norm(hidden))
 
 
+def first_input(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """h^0 as module 1 reads it: the main model's last state (B, T, C) -- after the final
+    norm when cfg.mtp_input is "post_norm", the residual stream itself when "pre_norm"."""
+    return model.norm(hidden) if model.cfg.mtp_input == "post_norm" else hidden
+
+
+def next_input(cfg: ModelConfig, module: MTPModule, h: torch.Tensor) -> torch.Tensor:
+    """Module k's block output h^k (B, T', C) as module k+1 reads it (same rule, its own
+    final norm: Megatron-LM's MultiTokenPredictionBlock, Ling's BailingMoeV2Model)."""
+    return module.final_norm(h) if cfg.mtp_input == "post_norm" else h
+
+
+def mtp_depths(model: nn.Module, hidden: torch.Tensor, input_ids: torch.Tensor,
+               positions: torch.Tensor):
+    """Run depths k = 1..D over a whole sequence; yield (k, logits_k (B, T-k, V), moe_aux).
+
+    Depth k at position i combines h^{k-1}_i with Emb(t_{i+k}) and predicts t_{i+k+1};
+    each depth is one position shorter than the last. hidden (B, T, C) is the main model's
+    last state before its final norm (``ModelOutput.hidden``).
+    """
+    T = input_ids.shape[1]
+    h = first_input(model, hidden)  # (B, T, C) h^0
+    for k, module in enumerate(model.mtp, start=1):
+        h = h[:, : T - k]  # (B, T-k, C) positions that still have a token k ahead
+        next_embeddings = model.embed_tokens(input_ids[:, k:])  # (B, T-k, C) Emb(t_{i+k})
+        out, moe_aux = module(h, next_embeddings, positions[: T - k])  # (B, T-k, C)
+        yield k, module.logits(out, model.lm_head), moe_aux  # (B, T-k, V) shared output head
+        h = next_input(model.cfg, module, out)  # (B, T-k, C) h^k for depth k+1
+
+
 def mtp_losses(model: nn.Module, hidden: torch.Tensor, input_ids: torch.Tensor,
                targets: torch.Tensor, positions: torch.Tensor, router_stats: dict,
                losses: dict) -> list[torch.Tensor]:
     """Cross-entropy of each MTP depth k = 1..D of ``model`` (DeepSeek-V3 Eq. 21-24).
 
-    Depth k at position i combines h^{k-1}_i with Emb(t_{i+k}) and predicts t_{i+k+1}.
-    With targets[:, i] = t_{i+1}, that is input_ids[:, k:] for the embeddings and
-    targets[:, k:] for the labels; each depth is one position shorter than the last.
-    hidden (B, T, C) is h^0; the modules' router statistics and balance losses are merged
-    into router_stats / losses under "mtp.{k-1}". The weighted sum (lambda / D) * sum_k is
-    the caller's (``minimoe.model.Transformer.forward``).
+    With targets[:, i] = t_{i+1}, depth k's labels are targets[:, k:] (t_{i+k+1}). The
+    modules' router statistics and balance losses are merged into router_stats / losses
+    under "mtp.{k-1}". The weighted sum (lambda / D) * sum_k is the caller's
+    (``minimoe.model.Transformer.forward``).
     """
-    T = input_ids.shape[1]
     ce_per_depth = []
-    h = hidden  # h^0: the main model's last hidden state (before its final norm)
-    for k, module in enumerate(model.mtp, start=1):
-        h = h[:, : T - k]  # (B, T-k, C) positions that still have a token k ahead
-        next_embeddings = model.embed_tokens(input_ids[:, k:])  # (B, T-k, C) Emb(t_{i+k})
-        h, moe_aux = module(h, next_embeddings, positions[: T - k])  # (B, T-k, C)
+    for k, logits_k, moe_aux in mtp_depths(model, hidden, input_ids, positions):
         merge_moe_aux(f"mtp.{k - 1}", moe_aux, router_stats, losses)
-        logits_k = module.logits(h, model.lm_head)  # (B, T-k, V) shared output head
         labels_k = targets[:, k:]  # (B, T-k) t_{i+k+1}
         ce_per_depth.append(F.cross_entropy(logits_k.float().reshape(-1, logits_k.shape[-1]),
                                             labels_k.reshape(-1), ignore_index=-100))
     return ce_per_depth
+
+
+@torch.no_grad()
+def mtp_logits(model: nn.Module, input_ids: torch.Tensor) -> list[torch.Tensor]:
+    """The draft logits of every depth for a whole sequence (B, T): [(B, T-k, V) for k=1..D].
+
+    Depth k's row i predicts t_{i+k+1}. One main forward pass, then the modules, as in
+    training; used to compare a loaded module with the published code's forward.
+    """
+    out = model(input_ids)
+    positions = torch.arange(input_ids.shape[1], device=input_ids.device)  # (T,)
+    return [logits for _, logits, _ in mtp_depths(model, out.hidden, input_ids, positions)]

@@ -91,6 +91,7 @@ import torch
 
 from minimoe.cache import KVCache
 from minimoe.generate import check_request, filter_logits
+from minimoe.mtp import first_input, next_input
 
 
 @dataclass
@@ -226,7 +227,8 @@ def speculative_generate(model, input_ids: torch.Tensor, max_new_tokens: int,
     stats._grow(num_drafts)
 
     # depth j (1-based) drafts with module min(j, D); each depth has its own cache and keeps
-    # its output hidden states h^j for the next depth. committed[j] = final positions.
+    # its output hidden states h^j for the next depth, in the form module j+1 reads them
+    # (after the final norm when cfg.mtp_input is "post_norm"). committed[j] = final positions.
     modules = [model.mtp[min(j, D) - 1] for j in range(1, num_drafts + 1)]
     cache_layers = model.cfg.num_hidden_layers + D
     draft_caches = [KVCache(cache_layers) for _ in modules]
@@ -251,7 +253,7 @@ def speculative_generate(model, input_ids: torch.Tensor, max_new_tokens: int,
     # prefill: the prompt through the main model gives h^0 and the first token
     out = model(input_ids, cache=main_cache)
     stats.main_forwards += 1
-    hidden = [out.hidden] + [None] * num_drafts  # hidden[j]: (1, positions, C)
+    hidden = [first_input(model, out.hidden)] + [None] * num_drafts  # hidden[j]: (1, positions, C)
     first, _ = pick(out.logits[0, -1])
     tokens = input_ids[0].tolist() + [first]
     new_tokens = 1 if max_new_tokens > 0 else 0
@@ -275,7 +277,9 @@ def speculative_generate(model, input_ids: torch.Tensor, max_new_tokens: int,
             positions = torch.arange(start, N - 1, device=device)  # (P,)
             h, _ = module(previous, model.embed_tokens(ids), positions, cache=draft_caches[j - 1])
             stats.draft_forwards += 1
-            hidden[j] = h if hidden[j] is None else torch.cat([hidden[j][:, :start], h], dim=1)
+            h_next = next_input(model.cfg, module, h)  # (1, P, C) h^j as depth j+1 reads it
+            hidden[j] = h_next if hidden[j] is None else torch.cat([hidden[j][:, :start], h_next],
+                                                                   dim=1)
             draft_logits = module.logits(h[:, -1], model.lm_head)[0]  # (V,)
             token, probs = pick(draft_logits)
             drafts.append(token)
@@ -315,7 +319,8 @@ def speculative_generate(model, input_ids: torch.Tensor, max_new_tokens: int,
             committed[j] = max(0, min(N - 1, N - j + accepted))
             draft_caches[j - 1].truncate(committed[j])
             hidden[j] = hidden[j][:, :committed[j]]
-        hidden[0] = torch.cat([hidden[0][:, :N - 1], out.hidden[:, :accepted + 1]], dim=1)
+        verified = first_input(model, out.hidden[:, :accepted + 1])  # (1, accepted+1, C)
+        hidden[0] = torch.cat([hidden[0][:, :N - 1], verified], dim=1)
         emitted = (drafts[:accepted] + [bonus])[:max_new_tokens - new_tokens]
         if eos_token_id is not None and eos_token_id in emitted:
             emitted = emitted[:emitted.index(eos_token_id) + 1]

@@ -1,6 +1,7 @@
 """Shared test setup: deterministic, small, and one thread per pytest-xdist worker."""
 
 import os
+import random
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # The test command runs one worker per core. More threads per worker (or per notebook
@@ -17,8 +18,29 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 
 from hypothesis import settings  # noqa: E402
 
-settings.register_profile("minimoe", deadline=None, max_examples=25, derandomize=True)
+# Property tests draw new examples on every run (no derandomize): each run explores configs
+# the earlier ones did not. A failure reproduces three ways: the session's seed is printed in
+# the header (rerun with --hypothesis-seed=N), the failing example is printed with a
+# @reproduce_failure(...) line (print_blob), and Hypothesis's local example database
+# (.hypothesis/) replays it first on the next run.
+settings.register_profile("minimoe", deadline=None, max_examples=25, print_blob=True)
 settings.load_profile("minimoe")
+
+
+@pytest.hookimpl(tryfirst=True)  # before Hypothesis's own plugin reads --hypothesis-seed
+def pytest_configure(config):
+    """One random Hypothesis seed per test session unless --hypothesis-seed gives one. The
+    xdist workers start after this hook with the controller's environment: the variable
+    hands them the same seed."""
+    seed = config.getoption("hypothesis_seed", None) or os.environ.get("MINIMOE_HYPOTHESIS_SEED")
+    if seed is None:
+        seed = str(random.SystemRandom().randrange(2**32))
+    os.environ["MINIMOE_HYPOTHESIS_SEED"] = config.option.hypothesis_seed = str(seed)
+
+
+def pytest_report_header(config):
+    seed = config.getoption("hypothesis_seed", None)
+    return f"hypothesis seed {seed} (reproduce with: pytest --hypothesis-seed={seed})"
 
 
 @pytest.fixture(autouse=True)

@@ -6,6 +6,14 @@ import os
 import torch
 from safetensors import safe_open
 
+# Logits parity bound for the tiny random float32 checkpoints (logits of magnitude ~4, std ~1)
+# against transformers or an independent forward. Measured: <= 4.1e-6 over every family test
+# (float32 rounding in a different order; MTP draft logits included); 2e-5 leaves a 5x
+# margin. A real mismatch crosses it by far: RMSNorm eps 1e-5 instead of the checkpoint's
+# 1e-6 moves DeepSeek-V3's logits by 1.5e-3
+# (test_checkpoint.py::test_the_parity_bound_catches_a_wrong_norm_eps).
+PARITY_ATOL = 2e-5
+
 
 def randomise(model, seed):
     """Larger random weights than the default init, non-trivial norms, biases and selection bias.

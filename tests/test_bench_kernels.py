@@ -46,8 +46,11 @@ def test_quick_cpu_run_checks_every_kernel(tmp_path, monkeypatch, capsys):
     for name in ("router", "rmsnorm", "rope"):
         assert by_kernel[name]["passed"] == "True", by_kernel[name]
         assert float(by_kernel[name]["max_abs_err"]) < 1e-5
+    # minimoe.kernels.fused_moe ships with the project and runs under the interpreter: a row
+    # that reports it "unavailable" means the kernel module no longer imports, a failure
     moe = by_kernel["moe_fwd+bwd"]
-    assert moe["passed"] == "True" or (moe["passed"] == "" and "unavailable" in moe["note"]), moe
+    assert moe["passed"] == "True", moe
+    assert float(moe["max_abs_err"]) < 1e-4, moe
 
 
 def test_a_failed_correctness_check_is_the_exit_status(tmp_path, monkeypatch, capsys):

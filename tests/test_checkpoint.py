@@ -10,12 +10,12 @@ import torch
 from safetensors.torch import save_file
 
 import minimoe
-from hf_weights import deepseek_mtp_tensors, read_all, save_randomised
+from hf_weights import PARITY_ATOL, deepseek_mtp_tensors, read_all, save_randomised
 
 transformers = pytest.importorskip("transformers")
 
 SEQ = 24  # longer than the YaRN original length below, so the ramp and mscale matter
-ATOL = 1e-4
+ATOL = PARITY_ATOL  # measured <= 4.1e-6 (see hf_weights)
 
 V3_BASE = dict(
     vocab_size=96, hidden_size=32, intermediate_size=40, moe_intermediate_size=16,
@@ -75,6 +75,20 @@ def _compare(hf_model, folder, seed=1):
     assert got.dtype == torch.float32
     assert (got - expected).abs().max().item() <= ATOL
     return model
+
+
+def test_the_parity_bound_catches_a_wrong_norm_eps(v3_checkpoint):
+    """ATOL is tight enough for a real mismatch: RMSNorm eps 1e-5 instead of 1e-6 (measured
+    1.5e-3 on these logits, 70x the bound) fails the comparison that the loaded model passes."""
+    folder, hf_model = v3_checkpoint
+    assert hf_model.config.rms_norm_eps == 1e-6
+    model = _compare(hf_model, folder)
+    for module in model.modules():
+        if isinstance(module, minimoe.norm.RMSNorm):
+            module.eps = 1e-5
+    ids = torch.randint(0, 96, (2, SEQ), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert (model(ids).logits - hf_model(ids).logits).abs().max().item() > 10 * ATOL
 
 
 def test_saved_checkpoint_has_the_hub_layout(v3_checkpoint):

@@ -8,13 +8,13 @@ import pytest
 import torch
 
 import minimoe
-from hf_weights import deepseek_mtp_tensors, read_all, save_randomised
+from hf_weights import PARITY_ATOL, deepseek_mtp_tensors, read_all, save_randomised
 from minimoe.config import ModelConfig
 
 transformers = pytest.importorskip("transformers")
 
 SEQ = 24
-ATOL = 1e-4
+ATOL = PARITY_ATOL  # measured <= 4.1e-6 (see hf_weights)
 BASE = dict(vocab_size=96, hidden_size=32, intermediate_size=40, num_hidden_layers=3,
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
 

@@ -15,10 +15,11 @@ import torch
 from safetensors.torch import save_file
 
 import minimoe
+from hf_weights import PARITY_ATOL
 from minimoe.config import ModelConfig
 
 SEQ = 20
-ATOL = 1e-4
+ATOL = PARITY_ATOL  # measured <= 4.1e-6 (see hf_weights)
 BASE = {
     "architectures": ["BailingMoeV2ForCausalLM"], "model_type": "bailing_moe_v2",
     "vocab_size": 96, "hidden_size": 32, "intermediate_size": 40, "num_hidden_layers": 3,
@@ -127,57 +128,88 @@ def swiglu(x, t, prefix):
     return (torch.nn.functional.silu(gate) * up) @ t[prefix + "down_proj.weight"].T
 
 
-def ling_reference_logits(t: dict, c: dict, ids: torch.Tensor, layers) -> torch.Tensor:
-    B, T = ids.shape
-    C, H, Hkv, D = c["hidden_size"], c["num_attention_heads"], c["num_key_value_heads"], c["head_dim"]
-    eps = c["rms_norm_eps"]
-    rot = c.get("rotary_dim") or int(D * c["partial_rotary_factor"])
+def ling_rope(c: dict, T: int):
+    """cos, sin (T, rot) of the partial rotate-half RoPE, and rot."""
+    rot = c.get("rotary_dim") or int(c["head_dim"] * c["partial_rotary_factor"])
     inv_freq = 1.0 / c["rope_theta"] ** (torch.arange(0, rot, 2).float() / rot)
     angles = torch.outer(torch.arange(T).float(), inv_freq)  # (T, rot/2)
-    cos, sin = torch.cat([angles, angles], -1).cos(), torch.cat([angles, angles], -1).sin()
-    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    return torch.cat([angles, angles], -1).cos(), torch.cat([angles, angles], -1).sin(), rot
 
+
+def ling_layer(x: torch.Tensor, t: dict, c: dict, p: str, moe: bool) -> torch.Tensor:
+    """One decoder layer under hub prefix p (BailingMoeV2DecoderLayer, or the block inside
+    BailingMoeV2MTPLayer): x + attention(input_layernorm(x)), then x + MLP/MoE(post norm)."""
+    B, T, C = x.shape
+    H, Hkv, D = c["num_attention_heads"], c["num_key_value_heads"], c["head_dim"]
+    eps = c["rms_norm_eps"]
+    cos, sin, rot = ling_rope(c, T)
+    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    h = rms_norm(x, t[p + "input_layernorm.weight"], eps)
+    qkv = h @ t[p + "attention.query_key_value.weight"].T
+    if p + "attention.query_key_value.bias" in t:
+        qkv = qkv + t[p + "attention.query_key_value.bias"]
+    q, k, v = qkv.view(B, T, H + 2 * Hkv, D).split([H, Hkv, Hkv], dim=2)
+    q = rms_norm(q, t[p + "attention.query_layernorm.weight"], eps)
+    k = rms_norm(k, t[p + "attention.key_layernorm.weight"], eps)
+    c_, s_ = cos[None, :, None, :], sin[None, :, None, :]
+    q = torch.cat([q[..., :rot] * c_ + rotate_half(q[..., :rot]) * s_, q[..., rot:]], -1)
+    k = torch.cat([k[..., :rot] * c_ + rotate_half(k[..., :rot]) * s_, k[..., rot:]], -1)
+    k, v = k.repeat_interleave(H // Hkv, dim=2), v.repeat_interleave(H // Hkv, dim=2)
+    scores = torch.einsum("bthd,bshd->bhts", q, k) / math.sqrt(D)
+    attn = scores.masked_fill(~causal, float("-inf")).softmax(-1)
+    out = torch.einsum("bhts,bshd->bthd", attn, v).reshape(B, T, H * D)
+    x = x + out @ t[p + "attention.dense.weight"].T
+    h = rms_norm(x, t[p + "post_attention_layernorm.weight"], eps)
+    if not moe:
+        return x + swiglu(h, t, p + "mlp.")
+    flat = h.reshape(B * T, C)
+    scores = torch.sigmoid(flat @ t[p + "mlp.gate.weight"].T)  # (N, E)
+    choice = scores + t[p + "mlp.gate.expert_bias"]
+    G = c["n_group"]
+    group_scores = choice.view(B * T, G, -1).topk(2, dim=-1).values.sum(-1)  # (N, G)
+    kept = torch.zeros_like(group_scores, dtype=torch.bool)
+    kept.scatter_(1, group_scores.topk(c["topk_group"], dim=-1).indices, True)
+    keep = kept.repeat_interleave(c["num_experts"] // G, dim=1)  # (N, E)
+    idx = choice.masked_fill(~keep, float("-inf")).topk(c["num_experts_per_tok"], -1).indices
+    weights = scores.gather(1, idx)
+    weights = weights / (weights.sum(-1, keepdim=True) + 1e-20) * c["routed_scaling_factor"]
+    routed = torch.zeros_like(flat)
+    for n in range(B * T):
+        for j in range(idx.shape[1]):
+            expert = f"{p}mlp.experts.{int(idx[n, j])}."
+            routed[n] += weights[n, j] * swiglu(flat[n], t, expert)
+    shared = swiglu(flat, t, p + "mlp.shared_experts.")
+    return x + (routed + shared).view(B, T, C)
+
+
+def ling_reference_hidden(t: dict, c: dict, ids: torch.Tensor, layers) -> torch.Tensor:
+    """BailingMoeV2Model's output: the main layers, then the final norm (model.norm)."""
     x = t["model.word_embeddings.weight"][ids]  # (B, T, C)
     for i in layers:
-        p = f"model.layers.{i}."
-        h = rms_norm(x, t[p + "input_layernorm.weight"], eps)
-        qkv = h @ t[p + "attention.query_key_value.weight"].T
-        if p + "attention.query_key_value.bias" in t:
-            qkv = qkv + t[p + "attention.query_key_value.bias"]
-        q, k, v = qkv.view(B, T, H + 2 * Hkv, D).split([H, Hkv, Hkv], dim=2)
-        q = rms_norm(q, t[p + "attention.query_layernorm.weight"], eps)
-        k = rms_norm(k, t[p + "attention.key_layernorm.weight"], eps)
-        c_, s_ = cos[None, :, None, :], sin[None, :, None, :]
-        q = torch.cat([q[..., :rot] * c_ + rotate_half(q[..., :rot]) * s_, q[..., rot:]], -1)
-        k = torch.cat([k[..., :rot] * c_ + rotate_half(k[..., :rot]) * s_, k[..., rot:]], -1)
-        k, v = k.repeat_interleave(H // Hkv, dim=2), v.repeat_interleave(H // Hkv, dim=2)
-        scores = torch.einsum("bthd,bshd->bhts", q, k) / math.sqrt(D)
-        attn = scores.masked_fill(~causal, float("-inf")).softmax(-1)
-        out = torch.einsum("bhts,bshd->bthd", attn, v).reshape(B, T, H * D)
-        x = x + out @ t[p + "attention.dense.weight"].T
-        h = rms_norm(x, t[p + "post_attention_layernorm.weight"], eps)
-        if i < c["first_k_dense_replace"]:
-            x = x + swiglu(h, t, p + "mlp.")
-            continue
-        flat = h.reshape(B * T, C)
-        scores = torch.sigmoid(flat @ t[p + "mlp.gate.weight"].T)  # (N, E)
-        choice = scores + t[p + "mlp.gate.expert_bias"]
-        G = c["n_group"]
-        group_scores = choice.view(B * T, G, -1).topk(2, dim=-1).values.sum(-1)  # (N, G)
-        kept = torch.zeros_like(group_scores, dtype=torch.bool)
-        kept.scatter_(1, group_scores.topk(c["topk_group"], dim=-1).indices, True)
-        keep = kept.repeat_interleave(c["num_experts"] // G, dim=1)  # (N, E)
-        idx = choice.masked_fill(~keep, float("-inf")).topk(c["num_experts_per_tok"], -1).indices
-        weights = scores.gather(1, idx)
-        weights = weights / (weights.sum(-1, keepdim=True) + 1e-20) * c["routed_scaling_factor"]
-        routed = torch.zeros_like(flat)
-        for n in range(B * T):
-            for j in range(idx.shape[1]):
-                expert = f"{p}mlp.experts.{int(idx[n, j])}."
-                routed[n] += weights[n, j] * swiglu(flat[n], t, expert)
-        shared = swiglu(flat, t, p + "mlp.shared_experts.")
-        x = x + (routed + shared).view(B, T, C)
-    return rms_norm(x, t["model.norm.weight"], eps) @ t["lm_head.weight"].T
+        x = ling_layer(x, t, c, f"model.layers.{i}.", moe=i >= c["first_k_dense_replace"])
+    return rms_norm(x, t["model.norm.weight"], c["rms_norm_eps"])
+
+
+def ling_reference_logits(t: dict, c: dict, ids: torch.Tensor, layers) -> torch.Tensor:
+    return ling_reference_hidden(t, c, ids, layers) @ t["lm_head.weight"].T
+
+
+def ling_reference_mtp_logits(t: dict, c: dict, ids: torch.Tensor) -> list:
+    """The MTP layers as BailingMoeV2Model.forward runs them: the first reads the main output
+    AFTER model.norm; each rolls the ids one further left (t_{i+k} at position i), mixes
+    [enorm(Emb) ; hnorm(h)] through eh_proj, runs its block, ends with its final_layernorm
+    and feeds that to the next; BailingMoeV2ForCausalLM applies lm_head to it."""
+    L, eps = c["num_hidden_layers"], c["rms_norm_eps"]
+    h = ling_reference_hidden(t, c, ids, range(L))  # (B, T, C) post-norm
+    logits = []
+    for k in range(c["num_nextn_predict_layers"]):
+        p = f"model.layers.{L + k}."
+        ids = torch.roll(ids, shifts=-1, dims=-1)  # the wrapped tail is never compared
+        emb = rms_norm(t["model.word_embeddings.weight"][ids], t[p + "enorm.weight"], eps)
+        h = torch.cat([emb, rms_norm(h, t[p + "hnorm.weight"], eps)], -1) @ t[p + "eh_proj.weight"].T
+        h = rms_norm(ling_layer(h, t, c, p, moe=True), t[p + "final_layernorm.weight"], eps)
+        logits.append(h @ t["lm_head.weight"].T)  # (B, T, V): rows i < T-k-1 are compared
+    return logits
 
 
 # ---- tests -------------------------------------------------------------------------------------
@@ -215,19 +247,28 @@ def test_layer_subset(tmp_path):
         assert (model(ids).logits - expected).abs().max().item() <= ATOL
 
 
-def test_mtp_layer_loads_into_model_mtp(tmp_path):
-    config = {**BASE, "num_nextn_predict_layers": 1}
-    tensors = write_ling_checkpoint(tmp_path, config, seed=7, mtp_layers=1)
+def test_mtp_layers_match_the_published_forward(tmp_path):
+    """Two MTP layers (model.layers.{3,4}): minimoe's draft logits of each depth equal the
+    published code's (ling_reference_mtp_logits), which feeds them the normed main state."""
+    config = {**BASE, "num_nextn_predict_layers": 2}
+    tensors = write_ling_checkpoint(tmp_path, config, seed=7, mtp_layers=2)
     model = minimoe.load_pretrained(tmp_path)
-    assert len(model.mtp) == 1
+    assert len(model.mtp) == 2 and model.cfg.mtp_input == "post_norm"
     state = model.state_dict()
     p = "model.layers.3."
     torch.testing.assert_close(state["mtp.0.final_norm.weight"], tensors[p + "final_layernorm.weight"])
-    torch.testing.assert_close(state["mtp.0.eh_proj.weight"], tensors[p + "eh_proj.weight"])
     torch.testing.assert_close(state["mtp.0.block.self_attn.v_proj.weight"],
                                tensors[p + "attention.query_key_value.weight"][72:])
-    torch.testing.assert_close(state["mtp.0.block.mlp.experts.down_proj"][5],
-                               tensors[p + "mlp.experts.5.down_proj.weight"])
+    ids = torch.randint(0, config["vocab_size"], (2, SEQ), generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        expected = ling_reference_mtp_logits(tensors, config, ids)
+        got = minimoe.mtp.mtp_logits(model, ids)
+        model.cfg.mtp_input = "pre_norm"  # the residual stream instead: another function
+        pre_norm = minimoe.mtp.mtp_logits(model, ids)
+    for k, (want, have, wrong) in enumerate(zip(expected, got, pre_norm), start=1):
+        want = want[:, :SEQ - k]  # (B, T-k, V) rows that have a token k ahead
+        assert (have - want).abs().max().item() <= ATOL, k
+        assert (wrong - want).abs().max().item() > 0.1, k
 
 
 def test_from_hf_of_ling_mini_matches_the_preset():

@@ -1,9 +1,12 @@
 """load_pretrained of LongCat-Flash's MTP module (model.mtp.*, the published layout): every MTP
 tensor lands in model.mtp[0] (rope rows turned from interleaved to rotate-half, FP8 blocks
-dequantised), the main logits still equal transformers', speculative greedy decoding with the
-loaded module equals plain greedy decoding, and checkpoints without or with broken MTP
-tensors load as before or fail naming the tensor."""
+dequantised), the module's draft logits equal an independent forward from the raw tensors
+(the serving code's structure, transformers' own MLA sublayer), the main logits still equal
+transformers', speculative greedy decoding with the loaded module equals plain greedy
+decoding, and checkpoints without or with broken MTP tensors load as before or fail naming
+the tensor."""
 
+import copy
 import json
 import shutil
 import warnings
@@ -13,12 +16,12 @@ import torch
 from safetensors.torch import save_file
 
 import minimoe
-from hf_weights import save_randomised
+from hf_weights import PARITY_ATOL, save_randomised
 from minimoe.speculative import speculative_generate
 
 transformers = pytest.importorskip("transformers")
 
-ATOL = 1e-4
+ATOL = PARITY_ATOL  # measured <= 4.1e-6 (see hf_weights)
 C, V, H, NOPE, ROPE, VHEAD, Q_LORA, KV_LORA, FFN = 32, 96, 4, 8, 4, 8, 16, 8, 40
 BASE = dict(vocab_size=V, hidden_size=C, num_layers=3, num_attention_heads=H,
             ffn_hidden_size=FFN, q_lora_rank=Q_LORA, kv_lora_rank=KV_LORA,
@@ -129,6 +132,64 @@ def test_every_mtp_parameter_equals_the_written_tensor(mtp_checkpoint):
     assert not torch.equal(params[MTP_TENSORS[q_b][1]].detach(), written[q_b])
     # no own embedding: the MTP module reads the main one
     assert not any("embed" in n for n in mtp_params)
+
+
+def reference_draft_logits(written: dict, hf_model, ids: torch.Tensor) -> torch.Tensor:
+    """LongCat's MTP module from the raw tensors, as the engines that serve it run it (SGLang
+    longcat_flash_nextn.py LongcatFlashModelNextN.forward, vLLM longcat_flash_mtp.py
+    LongCatMultiTokenPredictorLayer.forward): h = the target model's output AFTER its final
+    norm; x = eh_proj([enorm(Emb(t_{i+1})) ; hnorm(h_i)]); one dense block (MLA sublayer, here
+    transformers' LongcatFlashMLA loaded with the module's tensors, then a SwiGLU FFN);
+    model.mtp.norm; the main lm_head. Returns (B, T-1, V): row i predicts t_{i+2}."""
+    t, config, eps = written, hf_model.config, hf_model.config.rms_norm_eps
+    p = "model.mtp.layers.0."
+
+    def rms(x, weight):
+        return weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
+
+    T = ids.shape[1]
+    h = hf_model.model(ids).last_hidden_state[:, :T - 1]  # (B, T-1, C) after model.norm
+    emb = hf_model.model.embed_tokens(ids[:, 1:])  # (B, T-1, C) Emb(t_{i+1})
+    x = torch.cat([rms(emb, t[p + "enorm.m.weight"]), rms(h, t[p + "hnorm.m.weight"])], -1)
+    x = x @ t[p + "eh_proj.weight"].T  # (B, T-1, C)
+    eager = copy.deepcopy(config)
+    eager._attn_implementation = "eager"
+    attention = transformers.models.longcat_flash.modeling_longcat_flash.LongcatFlashMLA(eager, 0)
+    attention.load_state_dict({name[len(p + "self_attn."):]: tensor for name, tensor in t.items()
+                               if name.startswith(p + "self_attn.")})
+    positions = torch.arange(T - 1)[None]  # (1, T-1)
+    cos_sin = hf_model.model.rotary_emb(x, positions)
+    causal = torch.full((T - 1, T - 1), torch.finfo(x.dtype).min).triu(1)[None, None]
+    attended, _ = attention(rms(x, t[p + "input_layernorm.weight"]), cos_sin, causal)
+    x = x + attended
+    f = rms(x, t[p + "post_attention_layernorm.weight"])
+    mlp = p + "transformer_layer.mlp."
+    gate, up = f @ t[mlp + "gate_proj.weight"].T, f @ t[mlp + "up_proj.weight"].T
+    x = x + (torch.nn.functional.silu(gate) * up) @ t[mlp + "down_proj.weight"].T
+    return rms(x, t["model.mtp.norm.weight"]) @ hf_model.lm_head.weight.T  # (B, T-1, V)
+
+
+def test_draft_logits_match_an_independent_forward_of_the_raw_tensors(mtp_checkpoint):
+    """A check the loaded weights must pass (speculative greedy == plain greedy holds for any
+    drafter): the module's draft logits equal the serving code's forward of the raw tensors,
+    which feeds it the main state after the final norm (ModelConfig.mtp_input "post_norm")."""
+    folder, written, hf_model = mtp_checkpoint
+    model = minimoe.load_pretrained(folder)
+    assert model.cfg.mtp_input == "post_norm"
+    ids = torch.randint(0, V, (2, 20), generator=torch.Generator().manual_seed(11))
+    with torch.no_grad():
+        expected = reference_draft_logits(written, hf_model, ids)
+        (got,) = minimoe.mtp.mtp_logits(model, ids)
+        assert (got - expected).abs().max().item() <= ATOL
+        model.cfg.mtp_input = "pre_norm"  # the residual stream instead: another function
+        (pre_norm,) = minimoe.mtp.mtp_logits(model, ids)
+        assert (pre_norm - expected).abs().max().item() > 0.1
+        model.cfg.mtp_input = "post_norm"
+        weight = model.mtp[0].block.mlp.down_proj.weight  # one tensor overwritten with noise
+        weight.copy_(torch.randn(weight.shape, generator=torch.Generator().manual_seed(12))
+                     / weight.shape[-1] ** 0.5)
+        (noisy,) = minimoe.mtp.mtp_logits(model, ids)
+        assert (noisy - expected).abs().max().item() > 0.1
 
 
 def test_main_logits_still_match_transformers(mtp_checkpoint):

@@ -28,6 +28,7 @@ def test_every_preset_is_valid(name):
     (dict(aux_loss_alpha=-0.1), "aux_loss_alpha"),
     (dict(rope_scaling={"type": "yarn", "factor": 0.5}), "factor"),
     (dict(n_group=8, topk_group=1, num_experts_per_tok=4), "topk_group"),
+    (dict(mtp_input="normed"), "mtp_input"),
 ])
 def test_impossible_configs_name_the_field(changes, field):
     with pytest.raises(ValueError, match=field):
@@ -55,6 +56,16 @@ def test_replace_rederives_derived_fields():
 def test_round_trip_through_dict():
     cfg = ModelConfig.preset("deepseek-v3")
     assert ModelConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    for mtp_input in ("post_norm", "pre_norm"):
+        cfg = ModelConfig.preset("toy", mtp_input=mtp_input)
+        assert ModelConfig.from_dict(cfg.to_dict()).mtp_input == mtp_input
+
+
+def test_a_saved_config_without_mtp_input_keeps_the_pre_norm_input_it_was_trained_with():
+    saved = ModelConfig.preset("toy").to_dict()
+    del saved["mtp_input"]  # written before the field existed: the MTP read the pre-norm state
+    assert ModelConfig.from_dict(saved).mtp_input == "pre_norm"
+    assert ModelConfig.preset("toy").mtp_input == "post_norm"  # new models: what runtimes do
 
 
 def test_from_hf_deepseek_v3_config(tmp_path):

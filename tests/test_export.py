@@ -10,7 +10,7 @@ import torch
 from safetensors import safe_open
 
 import minimoe
-from hf_weights import randomise
+from hf_weights import PARITY_ATOL, randomise
 from minimoe.config import ModelConfig
 from minimoe.checkpoints.export import convert_fp8_to_bf16, family_config, parse_size, save_pretrained
 
@@ -30,7 +30,7 @@ class LING_CONFIG:  # Ling's config.json as a dict (transformers has no class fo
     to_dict = staticmethod(lambda: dict(LING_BASE))
 
 SEQ = 20
-ATOL = 1e-4
+ATOL = PARITY_ATOL  # measured <= 4.1e-6 (see hf_weights)
 
 
 def _minimoe_model(family, seed, **changes):
@@ -189,6 +189,11 @@ def test_family_config_refuses_what_the_family_cannot_say():
     with pytest.raises(ValueError, match=r"family 'llama'"):
         family_config(ModelConfig.preset("toy"), "llama")
     assert family_config(ModelConfig.preset("toy"))["n_routed_experts"] == 16
+    # MTP modules trained on the pre-norm state would be fed the normed one by every runtime
+    with pytest.raises(ValueError, match=r"mtp_input='pre_norm'.*post_norm"):
+        family_config(ModelConfig.preset("toy", mtp_input="pre_norm"), "deepseek_v3")
+    assert family_config(ModelConfig.preset("toy", mtp_input="pre_norm",
+                                            num_nextn_predict_layers=0), "deepseek_v3")
     assert parse_size("40KB") == 40_000 and parse_size("1MiB") == 2**20 and parse_size(7) == 7
     with pytest.raises(ValueError, match="max_shard_size"):
         parse_size("lots")

@@ -279,3 +279,9 @@ COMPILE_FOR_H100 = """
 def test_kernels_compile_for_an_h100_without_one():
     """Ahead-of-time compilation to sm_90 machine code (triton ships ptxas): no GPU needed."""
     compile_for_h100(COMPILE_FOR_H100)
+
+
+def test_a_kernel_that_does_not_import_fails_the_compile_test_rather_than_skipping():
+    """The helper skips only without triton: an ImportError in the kernel code is a failure."""
+    with pytest.raises(AssertionError, match="ImportError"):
+        compile_for_h100("from minimoe.kernels import no_such_kernel_module\n")

@@ -92,5 +92,44 @@ def test_experiment_end_to_end_tiny(tmp_path):
     assert set(results["eval"]["128"]) == set(long_context.METHODS)
     entry = results["eval"]["128"]["yarn"]
     assert len(entry["no_finetune"]["loss_by_bucket"]) == 2
-    assert 0.0 <= entry["finetune"]["passkey"]["accuracy"] <= 1.0
+    # 8 documents, 2 per depth quarter: the accuracy is a whole number of documents and the
+    # mean of the quarters; a document retrieved has all its digits right
+    passkey = entry["finetune"]["passkey"]
+    assert passkey["accuracy"] * 8 == round(passkey["accuracy"] * 8)
+    assert passkey["accuracy"] == pytest.approx(sum(passkey["accuracy_by_depth_quarter"]) / 4)
+    assert passkey["accuracy"] <= passkey["digit_accuracy"] <= 1.0
     assert (tmp_path / "long_context.png").exists()
+
+
+class PasskeyOracle(torch.nn.Module):
+    """Reads the key from the statement in its input and predicts it at the question; gets the
+    last digit wrong for documents whose statement starts before byte `wrong_before`."""
+
+    def __init__(self, wrong_before: int = -1):
+        super().__init__()
+        self.wrong_before = wrong_before
+
+    def forward(self, x):
+        logits = torch.zeros(*x.shape, 256)  # (b, T, 256) bytes
+        for row, ids in enumerate(x.tolist()):
+            text = bytes(ids).decode("ascii")
+            statement = text.index("The passkey is ")
+            at = statement + len("The passkey is ")
+            key = [ord(ch) for ch in text[at:at + 5]]
+            if statement < self.wrong_before:
+                key[-1] = ord("0") + (key[-1] - ord("0") + 1) % 10
+            for j, byte in enumerate(key):  # position T-5+j predicts the key's digit j
+                logits[row, x.shape[1] - 5 + j, byte] = 1.0
+        return type("Out", (), {"logits": logits})()
+
+
+def test_passkey_accuracy_scores_an_oracle_and_a_partly_wrong_one():
+    right = long_context.passkey_accuracy(PasskeyOracle(), seq_len=256, docs=16, seed=5)
+    assert right == {"accuracy": 1.0, "digit_accuracy": 1.0,
+                     "accuracy_by_depth_quarter": [1.0, 1.0, 1.0, 1.0]}
+    # 257-byte documents: the statement (22 bytes) starts at depth * (257 - 22 - 26), so
+    # depths below 1/2 put it before byte 105: wrong in the first half, right after
+    half = long_context.passkey_accuracy(PasskeyOracle(wrong_before=105), seq_len=256,
+                                         docs=16, seed=5)
+    assert half["accuracy"] == 0.5 and half["digit_accuracy"] == pytest.approx(0.9)
+    assert half["accuracy_by_depth_quarter"] == [0.0, 0.0, 1.0, 1.0]

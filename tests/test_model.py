@@ -233,11 +233,37 @@ def valid_configs(draw):
     )
 
 
+def record_routing_and_output_gradients(model):
+    """Per MoE layer: the chosen experts (N, k) and, after backward, the output's gradient.
+
+    Returns {moe_module: record}; the forward pass sets record["topk_idx"] (N, k), the
+    backward pass record["grad_out"] (N, C).
+    """
+    records = {}
+    for module in model.modules():
+        if not isinstance(module, minimoe.moe.MoE):
+            continue
+        record = records[module] = {}
+
+        def on_route(gate, inputs, route, record=record):
+            record["topk_idx"] = route.topk_idx.detach()  # (N, k)
+
+        def on_output(moe, inputs, output, record=record):
+            y = output[0]  # (B, T, C)
+            if y.requires_grad:
+                y.register_hook(lambda grad: record.__setitem__("grad_out", grad.flatten(0, 1)))
+
+        module.gate.register_forward_hook(on_route)
+        module.register_forward_hook(on_output)
+    return records
+
+
 @given(cfg=valid_configs(), seed=st.integers(0, 2**16))
 def test_property_random_valid_configs(cfg, seed):
     """Any valid config: right shapes, finite loss, gradients reach everything that ran."""
     torch.manual_seed(seed)
     model = Transformer(cfg).train()
+    records = record_routing_and_output_gradients(model)
     ids = random_ids(cfg, B=2, T=8, seed=seed)
     out = model(ids, targets=ids)
     assert out.logits.shape == (2, 8, cfg.vocab_size)
@@ -248,12 +274,15 @@ def test_property_random_valid_configs(cfg, seed):
             continue  # only the selected experts (and noise, when drawn) receive gradient
         assert param.grad is not None, f"no gradient reached {name}"
         assert torch.isfinite(param.grad).all(), f"non-finite gradient in {name}"
-    # routed experts: an expert has a non-zero gradient iff some token-slot chose it
-    from minimoe.moe import MoE
-
-    for module in model.modules():
-        if isinstance(module, MoE):
-            grad = module.experts.down_proj.grad
-            assert grad is not None
-            used = grad.flatten(1).abs().sum(dim=1) > 0  # (E,)
-            assert used.any()
+    # routed experts: an expert has a non-zero gradient iff some token-slot chose it, among
+    # the tokens whose MoE output reaches the loss (the last position's output in the last
+    # layer predicts nothing: its gradient is zero, and so is an expert's that only it chose)
+    for moe, record in records.items():
+        grad = moe.experts.down_proj.grad
+        assert grad is not None and "grad_out" in record
+        used = grad.flatten(1).abs().sum(dim=1) > 0  # (E,)
+        live = record["grad_out"].abs().sum(dim=-1) > 0  # (N,) tokens whose output matters
+        chosen = torch.zeros_like(used)  # (E,)
+        chosen[record["topk_idx"][live].flatten()] = True
+        assert chosen.any()
+        assert torch.equal(used, chosen), (used.tolist(), chosen.tolist())

@@ -63,24 +63,54 @@ def test_mtp_depth_k_reads_hidden_k_minus_1_and_embedding_of_t_i_plus_k():
             assert moved == (j <= i + k), (k, j)
 
 
-def test_mtp_depth_2_matches_manual_chain():
-    """h^1 = M_1(h^0, Emb(t_{i+1})), h^2 = M_2(h^1, Emb(t_{i+2})), embedding-first concat."""
-    cfg = minimoe.ModelConfig.preset("toy", **TINY, num_nextn_predict_layers=2)
+def randomise(model, seed):
+    """Weights of unit-scale outputs and norm gains away from one. With all gains one,
+    hnorm(norm(x)) = hnorm(x) (RMSNorm is scale-invariant) and the two MTP inputs could not
+    be told apart; with the default small init the logits are all near zero."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            noise = torch.randn(param.shape, generator=generator)
+            param.copy_(1.0 + 0.3 * noise if "norm" in name else noise / param.shape[-1] ** 0.5)
+
+
+def manual_mtp_logits(model, inputs, post_norm):
+    """h^1 = M_1(h^0, Emb(t_{i+1})), h^2 = M_2(h^1, Emb(t_{i+2})), embedding-first concat;
+    post_norm: h^0 = norm(x) (the main model's final norm) and h^1 = final_norm_1(block out)."""
+    T = inputs.shape[1]
+    positions = torch.arange(T)
+    x = model(inputs).hidden  # (B, T, C) residual stream after the last main block
+    h = model.norm(x) if post_norm else x
+    logits = []
+    for k, module in enumerate(model.mtp, start=1):
+        emb = model.embed_tokens(inputs[:, k:])  # Emb(t_{i+k})
+        combined = torch.cat([module.enorm(emb), module.hnorm(h[:, :T - k])], dim=-1)
+        out, _ = module.block(module.eh_proj(combined), positions[:T - k], None)
+        logits.append(model.lm_head(module.final_norm(out)))  # predicts t_{i+k+1}
+        h = module.final_norm(out) if post_norm else out
+    return logits
+
+
+@pytest.mark.parametrize("mtp_input", ["post_norm", "pre_norm"])
+def test_mtp_depth_2_matches_manual_chain(mtp_input):
+    cfg = minimoe.ModelConfig.preset("toy", **TINY, num_nextn_predict_layers=2,
+                                     mtp_input=mtp_input)
     torch.manual_seed(1)
     model = Transformer(cfg).eval()
-    T = 9
-    ids = torch.randint(0, cfg.vocab_size, (2, T + 1))
+    randomise(model, seed=2)
+    T, V = 9, cfg.vocab_size
+    ids = torch.randint(0, V, (2, T + 1))
     inputs, targets = ids[:, :-1], ids[:, 1:]
     with torch.no_grad():
         out = model(inputs, targets=targets)
-        positions = torch.arange(T)
-        h = out.hidden
-        for k, module in enumerate(model.mtp, start=1):
-            emb = model.embed_tokens(inputs[:, k:])  # Emb(t_{i+k})
-            combined = torch.cat([module.enorm(emb), module.hnorm(h[:, :T - k])], dim=-1)
-            h, _ = module.block(module.eh_proj(combined), positions[:T - k], None)
-            logits = model.lm_head(module.final_norm(h))  # predicts t_{i+k+1}
-            ce = torch.nn.functional.cross_entropy(logits.reshape(-1, cfg.vocab_size),
-                                                   targets[:, k:].reshape(-1))
-            torch.testing.assert_close(out.aux["losses"][f"mtp_ce_{k}"], ce)
+        drafts = minimoe.mtp.mtp_logits(model, inputs)
+        expected = manual_mtp_logits(model, inputs, post_norm=mtp_input == "post_norm")
+        other = manual_mtp_logits(model, inputs, post_norm=mtp_input != "post_norm")
+    for k in (1, 2):
+        torch.testing.assert_close(drafts[k - 1], expected[k - 1], rtol=0, atol=1e-5)
+        ce = torch.nn.functional.cross_entropy(expected[k - 1].reshape(-1, V),
+                                               targets[:, k:].reshape(-1))
+        torch.testing.assert_close(out.aux["losses"][f"mtp_ce_{k}"], ce)
+        # the other input is another function of the same weights: far beyond rounding
+        assert (drafts[k - 1] - other[k - 1]).abs().max() > 0.1
     assert set(out.aux["router"]) >= {"mtp.0", "mtp.1"}

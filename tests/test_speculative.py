@@ -223,3 +223,30 @@ def test_wrong_rules_fail_the_same_test(small_vocab, monkeypatch):
         patch.setattr(speculative, "acceptance_probability", lambda p, q: torch.ones(()))
         statistic, degrees = chi_square(model, prompt, exact, 300)
         assert statistic > critical(degrees), (statistic, degrees)
+
+
+@pytest.mark.parametrize("mtp_input", ["post_norm", "pre_norm"])
+def test_drafts_are_the_argmax_of_the_mtp_logits_the_loss_trains(mtp_input):
+    """Decoding feeds the modules the same state as training (cfg.mtp_input): every step's
+    drafts d_1, d_2 are the argmax of minimoe.mtp.mtp_logits over the same prefix (cached
+    drafting, rolled back after rejections, against one plain pass over the sequence)."""
+    torch.manual_seed(4)
+    model = Transformer(tiny("toy", 2, mtp_input=mtp_input)).eval()
+    generator = torch.Generator().manual_seed(5)
+    with torch.no_grad():  # unit-scale weights and norm gains away from one
+        for name, param in model.named_parameters():
+            noise = torch.randn(param.shape, generator=generator)
+            param.copy_(1.0 + 0.3 * noise if "norm" in name else noise / param.shape[-1] ** 0.5)
+    prompt = torch.randint(0, model.cfg.vocab_size, (1, 7), generator=generator)
+    ids, stats = speculative_generate(model, prompt, max_new_tokens=40, num_draft_tokens=2)
+    tokens = ids[0].tolist()
+    N = 8  # the prompt and the first token
+    checked = 0
+    for step in stats.trace:
+        drafts = step["drafts"]  # two, or fewer in the last step
+        depths = minimoe.mtp.mtp_logits(model, torch.tensor([tokens[:N] + drafts[:1]]))
+        for draft, logits in zip(drafts, depths):
+            assert draft == int(logits[0, N - 2].argmax())  # depth k row i: t_{i+k+1}
+            checked += 1
+        N += step["accepted"] + 1
+    assert checked >= 20 and N == len(tokens)

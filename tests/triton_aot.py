@@ -7,6 +7,7 @@ a subprocess because the test modules import triton with TRITON_INTERPRET=1, and
 triton is either interpreted or compiled, never both.
 """
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -31,14 +32,18 @@ PRELUDE = textwrap.dedent("""
 
 
 def compile_for_h100(body: str) -> None:
-    """Run PRELUDE + body (calls of compile_kernel) in a fresh interpreter-free process."""
+    """Run PRELUDE + body (calls of compile_kernel) in a fresh interpreter-free process.
+
+    Skips only when triton itself is not installed. Any other failure of the subprocess (a
+    kernel module that no longer imports, a missing ptxas in a triton that should ship one, a
+    compile error) fails the test with the subprocess's stderr.
+    """
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not installed")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_DEFAULT_FP_FUSION"] = "1"  # triton 3.9 warns when unset
     script = PRELUDE + textwrap.dedent(body) + "\nprint('compiled')\n"
     result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
                             text=True, timeout=300)
-    if result.returncode != 0 and ("ImportError" in result.stderr or "ptxas" in result.stderr
-                                   and "not found" in result.stderr):
-        pytest.skip(f"this triton cannot compile for CUDA here: {result.stderr[-300:]}")
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip().endswith("compiled")

@@ -75,6 +75,7 @@ def config_from_hf(hf: dict, model_type: str) -> dict:
         aux_loss_alpha=0.0 if seq_aux else get("aux_loss_alpha", 0.0),
         seq_aux_loss_alpha=get("aux_loss_alpha", 0.0) if seq_aux else 0.0,
         num_nextn_predict_layers=get("num_nextn_predict_layers", 0),
+        mtp_input="post_norm",  # vLLM deepseek_mtp.py, SGLang deepseek_nextn.py (minimoe.mtp)
     )
 
 
@@ -99,6 +100,8 @@ def config_to_hf(cfg, model_type: str) -> dict:
         check(cfg.topk_method in ("greedy", "group_limited_greedy"), "topk_method",
               "'greedy' or 'group_limited_greedy'")
         check(not cfg.use_expert_bias, "use_expert_bias", "False")
+    check(cfg.num_nextn_predict_layers == 0 or cfg.mtp_input == "post_norm", "mtp_input",
+          "'post_norm' with MTP modules (the state runtimes feed them; minimoe.mtp)")
     check(cfg.aux_loss_alpha == 0.0 or cfg.seq_aux_loss_alpha == 0.0, "aux_loss_alpha",
           "0 when seq_aux_loss_alpha is set (one aux_loss_alpha key serves both)")
     config = dict(

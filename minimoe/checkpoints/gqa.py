@@ -161,6 +161,7 @@ def config_from_hf(hf: dict, model_type: str) -> dict:
         use_expert_bias=glm,
         aux_loss_alpha=0.0 if glm else get("router_aux_loss_coef", 0.0),
         num_nextn_predict_layers=(get("num_nextn_predict_layers", 0) or 0) if glm else 0,
+        mtp_input="post_norm",  # GLM-4.5: vLLM glm4_moe_mtp.py, SGLang glm4_moe_nextn.py
     )
 
 
@@ -183,6 +184,8 @@ def config_to_hf(cfg, model_type: str) -> dict:
     check(cfg.use_expert_bias == glm, "use_expert_bias", str(glm))
     check(glm or cfg.n_shared_experts == 0, "n_shared_experts", "0")
     check(glm or cfg.num_nextn_predict_layers == 0, "num_nextn_predict_layers", "0")
+    check(cfg.num_nextn_predict_layers == 0 or cfg.mtp_input == "post_norm", "mtp_input",
+          "'post_norm' with MTP modules (the state runtimes feed them; minimoe.mtp)")
     check(glm or cfg.routed_scaling_factor == 1.0, "routed_scaling_factor", "1.0")
     config = dict(
         architectures=[ARCHITECTURES[model_type]], model_type=model_type,

@@ -98,6 +98,7 @@ def config_from_hf(hf: dict, model_type: str = "bailing_moe_v2") -> dict:
         routed_scaling_factor=get("routed_scaling_factor", 1.0),
         use_expert_bias=get("moe_router_enable_expert_bias", True),
         num_nextn_predict_layers=get("num_nextn_predict_layers", 0) or 0,
+        mtp_input="post_norm",  # inclusionAI modeling_bailing_moe_v2.py, BailingMoeV2Model
     )
 
 
@@ -116,6 +117,8 @@ def config_to_hf(cfg, model_type: str = "bailing_moe_v2") -> dict:
           "True exactly when num_experts_per_tok > 1 (BailingMoeV2Gate's rule)")
     check(cfg.qk_norm in ("per_head", "none"), "qk_norm", "'per_head' or 'none'")
     check(cfg.rope_scaling is None, "rope_scaling", "None")
+    check(cfg.num_nextn_predict_layers == 0 or cfg.mtp_input == "post_norm", "mtp_input",
+          "'post_norm' with MTP modules (the state runtimes feed them; minimoe.mtp)")
     return dict(
         architectures=[ARCHITECTURES[model_type]], model_type=model_type,
         vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,

@@ -101,6 +101,7 @@ def config_from_hf(hf: dict, model_type: str = "longcat_flash") -> dict:
         use_expert_bias=True,
         shortcut_moe=True,
         num_nextn_predict_layers=get("num_nextn_predict_layers") or 0,
+        mtp_input="post_norm",  # vLLM longcat_flash_mtp.py, SGLang longcat_flash_nextn.py
     )
 
 
@@ -122,6 +123,8 @@ def config_to_hf(cfg, model_type: str = "longcat_flash") -> dict:
     check(cfg.qk_norm == "none" and cfg.partial_rotary_factor == 1.0, "qk_norm",
           "'none' (and partial_rotary_factor 1.0)")
     check(cfg.num_nextn_predict_layers in (0, 1), "num_nextn_predict_layers", "0 or 1")
+    check(cfg.num_nextn_predict_layers == 0 or cfg.mtp_input == "post_norm", "mtp_input",
+          "'post_norm' with MTP modules (the state runtimes feed them; minimoe.mtp)")
     return dict(
         architectures=[ARCHITECTURES[model_type]], model_type=model_type,
         vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, num_layers=cfg.num_hidden_layers,
