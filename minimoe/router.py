@@ -1,5 +1,8 @@
 """The router: which experts does each token visit, and with what weight?
 
+The formulas and their sources live here; notebook 02 runs each router on small tensors
+and compares the balancing methods on five trained twins.
+
 How routing works
 -----------------
 An MoE layer holds E experts. For every token x (a vector of width C) the router computes
