@@ -141,11 +141,12 @@ class PackageIndex:
     callables: dict = field(default_factory=dict)  # bare name -> list of (params, open_kwargs)
 
 
-def _module_files():
-    for path in sorted((ROOT / "minimoe").rglob("*.py")):
-        parts = path.relative_to(ROOT).with_suffix("").parts
+def _module_files(root):
+    """(dotted module name, file) for every module of minimoe/ (any depth) and kernels/."""
+    for path in sorted((root / "minimoe").rglob("*.py")):
+        parts = path.relative_to(root).with_suffix("").parts
         yield ".".join(parts[:-1] if parts[-1] == "__init__" else parts), path
-    for path in sorted((ROOT / "kernels").glob("*.py")):
+    for path in sorted((root / "kernels").glob("*.py")):
         stem = path.stem
         yield "minimoe.kernels" + ("" if stem == "__init__" else "." + stem), path
 
@@ -211,24 +212,15 @@ def _read_class(module, node, index):
     index.known_words |= info.members | info.params
 
 
-def _import_target(module, node, alias):
+def _import_target(module, is_package, node, alias):
     if isinstance(node, ast.Import):
         return alias.name
     base = node.module or ""
     if node.level:  # relative: from the module's package, one level up per extra dot
-        package = module.split(".") if _is_package(module) else module.split(".")[:-1]
+        package = module.split(".") if is_package else module.split(".")[:-1]
         package = package[: len(package) - (node.level - 1)]
         base = ".".join(package + ([node.module] if node.module else []))
     return f"{base}.{alias.name}"
-
-
-@functools.cache
-def _package_modules():
-    return {name: path for name, path in _module_files()}
-
-
-def _is_package(module):
-    return _package_modules()[module].name == "__init__.py"
 
 
 @functools.cache
@@ -254,7 +246,8 @@ def _read_module(module, path, index):
             for alias in node.names:
                 bound = alias.asname or alias.name.split(".")[0]
                 plain = isinstance(node, ast.Import) and not alias.asname  # import a.b binds a
-                target = alias.name.split(".")[0] if plain else _import_target(module, node, alias)
+                target = alias.name.split(".")[0] if plain else \
+                    _import_target(module, path.name == "__init__.py", node, alias)
                 info.top[bound] = ("import", target)
     docstrings = {id(n) for n in _docstring_nodes(tree)}
     for node in ast.walk(tree):
@@ -282,9 +275,10 @@ def _read_module(module, path, index):
 
 
 @functools.cache
-def package_index() -> PackageIndex:
+def package_index(root: Path = ROOT) -> PackageIndex:
+    """Everything the package under `root` defines, imports and writes in string literals."""
     index = PackageIndex()
-    for module, path in _package_modules().items():
+    for module, path in _module_files(root):
         _read_module(module, path, index)
     for qualname, cls in index.classes.items():
         index.callables.setdefault(qualname.rsplit(".", 1)[1], []).append((cls.params, cls.open_kwargs))

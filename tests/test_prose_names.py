@@ -9,7 +9,8 @@ notebook cell and line).
 
 import pytest
 
-from prose_names import ROOT, Prose, package_index, problems_in, prose_files, prose_of, resolve_dotted
+from prose_names import (ROOT, Prose, check_minimoe_path, package_index, problems_in, prose_files, prose_of,
+                         resolve_dotted)
 
 
 @pytest.mark.parametrize("path", prose_files(), ids=lambda p: p.relative_to(ROOT).as_posix())
@@ -37,6 +38,10 @@ STALE_EXAMPLES = [
     "![figure](figures/no_such_figure.png)",               # a missing image
     "`tests/test_no_such_thing.py`",                       # a missing test file
     "notebook 42 shows it",                                # a missing notebook
+    "notebooks 07 and 42 show it",                         # one missing in a list
+    "as minimoe.moe.no_such_function shows",               # an unquoted minimoe path
+    "```bash\npython -m minimoe.no_such_module\n```",       # a command in a fenced block
+    "```bash\n.venv/bin/minimoe train --no-such-flag\n```",  # a flag in a fenced block
     "`42_no_such_notebook`",                               # a missing notebook by name
     "notebook 01, section 99, shows it",                   # a missing section
     "`sizing.no_such_function`",                           # a module-relative name
@@ -49,6 +54,8 @@ GOOD_EXAMPLES = [
     "`minimoe train --steps 10`", "`minimoe/moe.py`", "notebook 01, sections 2-5", "`01_moe_layer`",
     "`sizing.count_params`", "`ModelConfig(kernels=\"triton\")`", "`torch._grouped_mm`",
     "`mlp.experts.gate_proj`", "`tests/test_prose_names.py`", "`E = 64`",
+    "`attention.query_key_value`", "`python -m minimoe.bench.moe_dispatch`", "`toy-classic`",
+    "```bash\n.venv/bin/minimoe train --steps 10\n```", "`gate_proj[e]`", "`--set capacity_factor=1.0`",
 ]
 
 
@@ -62,9 +69,24 @@ def test_checker_accepts_live_names():
     assert not found, found
 
 
-def test_checker_follows_new_subpackages():
-    """A module in a new subpackage (minimoe/checkpoints/...) is found without editing this test."""
-    index = package_index()
-    assert any(m.count(".") >= 2 and not m.startswith("minimoe.kernels") for m in index.modules), \
-        "the index walks subpackages (minimoe.bench.*)"
-    assert resolve_dotted(index, "minimoe.bench.kernels.moe_arithmetic_intensity") is not None
+def test_checker_follows_new_subpackages(tmp_path):
+    """Modules moved into a new subpackage are found, at any depth, without editing the checker."""
+    (tmp_path / "kernels").mkdir()
+    (tmp_path / "kernels" / "__init__.py").write_text("")
+    package = tmp_path / "minimoe" / "checkpoints"
+    package.mkdir(parents=True)
+    (tmp_path / "minimoe" / "__init__.py").write_text("from minimoe.checkpoints.load import load_pretrained\n")
+    (package / "__init__.py").write_text("from .load import Loader\n")
+    (package / "load.py").write_text(
+        "class Loader:\n    def __init__(self, folder):\n        self.weight_map = {}\n"
+        "    def read(self, name):\n        pass\n\n"
+        "def load_pretrained(path, layers=None):\n    return Loader(path)\n")
+    index = package_index(tmp_path)
+    for live in ("minimoe.checkpoints.load.load_pretrained", "minimoe.load_pretrained",
+                 "minimoe.checkpoints.Loader.read", "minimoe.checkpoints.load.Loader.weight_map"):
+        assert resolve_dotted(index, live) is not None, live
+    for stale in ("minimoe.checkpoint", "minimoe.checkpoints.load.save_pretrained",
+                  "minimoe.checkpoints.Loader.write"):
+        assert resolve_dotted(index, stale) is None, stale
+    assert check_minimoe_path(index, "minimoe.load_pretrained(path, layers=[0])") == []
+    assert check_minimoe_path(index, "minimoe.load_pretrained(path, shards=[0])") != []
