@@ -15,9 +15,10 @@ of their `minimoe` commands are checked):
    class-level fields, `self.x` attributes and buffers, and those of its base classes. A call
    `minimoe.f(a=..., b=...)` also checks its keyword names against f's parameters (for a
    class: its dataclass fields and `__init__` parameters), unless f takes **kwargs.
-2. Flags. A `--flag` in a span or fenced line that runs minimoe (`minimoe train ...`,
-   `python -m minimoe...`), or in a span that starts with `--`, must be a string literal of
-   the package (argparse takes flags as literals); `--set FIELD=...` needs a ModelConfig field.
+2. Commands. In a span or fenced line that runs minimoe (`minimoe train ...`, `python -m
+   minimoe...`), or a span that starts with `--`, every `--flag` and the subcommand after
+   `minimoe` must be string literals of the package (argparse takes them as literals), and
+   `--set FIELD=...` needs a ModelConfig field.
 3. Paths. A path whose first component is a top-level folder of the project (minimoe/,
    kernels/, tests/, notebooks/, figures/, book/) or exists beside the quoting file must
    exist (`*` and `{a,b}` expand), unless its file name is a string literal of the package
@@ -110,6 +111,7 @@ NOTEBOOK_REF = re.compile(
 )
 NOTEBOOK_ID = re.compile(r"(?<![\w/])(?:notebooks/)?(\d{2}_[a-z][a-z0-9_]*)(?:\.ipynb)?\b")
 OWN_SECTION_REF = re.compile(r"\b[Ss]ections?\s+(\d+)(?:\s*(?:[-–]|and|to)\s*(\d+))?")
+RUNS_MINIMOE = re.compile(r"(?:^|\s|/)minimoe\s|python3? -m minimoe")
 SPAN = re.compile(r"(?<!`)(`+)(?!`)((?:(?!\n\s*\n).)+?)(?<!`)\1(?!`)", re.DOTALL)
 FENCE = re.compile(r"^```.*?^```", re.DOTALL | re.MULTILINE)
 
@@ -477,6 +479,19 @@ def check_flag(index, flag):
     return [f"`{flag}` is no command-line flag of the package"]
 
 
+def check_command(index, command):
+    """Rule 2: the subcommand, flags and `--set FIELD=` of a command line that runs minimoe."""
+    command = command.split(" #")[0]
+    problems = [p for flag in re.findall(r"(?<!\S)--[\w-]+", command) for p in check_flag(index, flag)]
+    for key in re.findall(r"--set\s+(\w+)=", command):  # minimoe train --set FIELD=VALUE
+        if not _class_member(index, "minimoe.config.ModelConfig", key):
+            problems.append(f"`--set {key}=...`: ModelConfig has no field `{key}`")
+    subcommand = re.search(r"(?:^|\s|/)minimoe\s+([a-z][\w-]*)", command)
+    if subcommand and subcommand.group(1) not in index.literals:
+        problems.append(f"`minimoe {subcommand.group(1)}` is no command of the package")
+    return problems
+
+
 def _repo_glob(pattern):
     expanded = [pattern]
     while any("{" in p for p in expanded):
@@ -551,12 +566,9 @@ def check_span(index, span, base):
     problems = []
     for m in MINIMOE_PATH.finditer(s):
         problems += check_minimoe_path(index, m.group(0))
-    runs_minimoe = re.search(r"(^|\s|/)minimoe\s|python3? -m minimoe", s) or s.startswith("--")
+    runs_minimoe = RUNS_MINIMOE.search(s) or s.startswith("--")
     if runs_minimoe:
-        problems += [p for flag in re.findall(r"(?<!\S)--[\w-]+", s) for p in check_flag(index, flag)]
-        for key in re.findall(r"--set\s+(\w+)=", s):  # minimoe train --set FIELD=VALUE
-            if not _class_member(index, "minimoe.config.ModelConfig", key):
-                problems.append(f"`--set {key}=...`: ModelConfig has no field `{key}`")
+        problems += check_command(index, s)
     if MINIMOE_PATH.fullmatch(s) or runs_minimoe or s.startswith("minimoe."):
         return problems
     s = re.sub(r"^@|\.$|=$", "", s)             # `@decorator`, `model.mtp.` (a prefix), `layers=`
@@ -664,9 +676,8 @@ def problems_in(prose: Prose, index=None):
     in_fence = lambda pos: any(a <= pos < b for a, b in fenced)  # noqa: E731
     for start, end in fenced:  # commands: minimoe paths and the flags of minimoe commands
         for offset, line in _lines_with_offsets(text, start, end):
-            if re.search(r"(\S*/)?minimoe\s|-m minimoe", line):
-                for flag in re.findall(r"(?<!\S)--[\w-]+", line.split("#")[0]):
-                    found += [(where(offset), p) for p in check_flag(index, flag)]
+            if RUNS_MINIMOE.search(line):
+                found += [(where(offset), p) for p in check_command(index, line)]
             for m in MINIMOE_PATH.finditer(line.split("#")[0]):
                 found += [(where(offset + m.start()), p) for p in check_minimoe_path(index, m.group(0))]
     spans = [m for m in SPAN.finditer(text) if not in_fence(m.start())]

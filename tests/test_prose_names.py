@@ -30,6 +30,7 @@ STALE_EXAMPLES = [
     "`NoSuchClass`",                                       # a CamelCase name we do not define
     "`cfg.no_such_field`",                                 # a missing ModelConfig field
     "`minimoe train --no-such-flag`",                      # a flag no parser accepts
+    "`minimoe no-such-command CKPT`",                      # a subcommand the CLI lacks
     "`--set no_such_field=1`",                             # a config field --set cannot set
     "`toy-no-such-preset`",                                # a preset (string) nothing defines
     "`no_such_name[e]`",                                   # a subscripted name
