@@ -35,7 +35,7 @@ of their `minimoe` commands are checked):
    `cfg.x`, `model.x`, `mla.x`, ... (INSTANCE_NAMES) need x to be a member of that class, or
    every component to be a known name (a tensor name such as `model.layers.{i}.mlp`). Any
    other identifier, call, subscript (`gate_proj[e]`), `name=value`, `name = value` (when the
-   value is Python, not a formula), `key: value`, hyphenated name (`toy-classic`) or dotted
+   value is Python, not a formula), `config_key: value`, hyphenated name (`toy-classic`) or dotted
    name must be known: defined, imported or used anywhere in the package (modules,
    functions, classes, members, parameters, variables), a Triton pointer argument without its
    `_ptr`, or a word of a string literal of the package (Hugging Face tensor names and config
@@ -88,6 +88,8 @@ FOREIGN = {
     "log2",
     # the Hugging Face CLI's download flag (`hf download ... --local-dir DIR`)
     "--local-dir",
+    # torchtitan's and Megatron-LM's expert-parallel dispatchers, cited as the reference designs
+    "ExpertParallel", "MoEAlltoAllTokenDispatcher", "input_splits", "sort_chunks_by_idxs",
 }
 # Instance names the prose uses for objects of a package class: `cfg.capacity_factor`.
 INSTANCE_NAMES = {
@@ -595,7 +597,9 @@ def check_span(index, span, base):
             return problems + check_dotted(index, name, call_args)
         return problems + check_identifier(index, name, call_args)
     m = re.fullmatch(rf"({IDENT}(?:\.{IDENT})*)\s*(=|:)\s*(.+)", s)
-    if m and (" " not in m.group(3) or (m.group(2) == "=" and _is_expression(m.group(3)))):
+    config_key = m and m.group(2) == ":" and re.fullmatch(r"[a-z_][a-z0-9_]*", m.group(1)) \
+        and " " not in m.group(3) and m.group(3) != "..."  # `rope_interleave: true`, not `User: ...`
+    if m and (config_key or (m.group(2) == "=" and _is_expression(m.group(3)))):
         name, value = m.group(1), m.group(3)
         if "." in name:
             problems += check_dotted(index, name)
