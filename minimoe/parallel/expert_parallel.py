@@ -71,6 +71,7 @@ is available. The counts always travel on the tokens' device.
 
 from __future__ import annotations
 
+import time
 import warnings
 from typing import Optional
 
@@ -91,20 +92,69 @@ def pick_backend() -> tuple[str, torch.device]:
     return "gloo", torch.device("cpu")
 
 
+class CommTimer:
+    """Seconds spent inside the all-to-alls, forward and backward (for ``minimoe.parallel.bench``).
+
+    Set ``expert_parallel.comm_timer = CommTimer()`` to measure; None (the default) costs
+    nothing. The backward all-to-all runs inside autograd, so it is timed by two marks: an
+    identity after the collective (its backward runs just before the collective's backward)
+    and one before it (its backward runs just after)."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self.bytes_sent = 0
+        self._started = None
+
+    def start(self) -> None:
+        self._started = time.perf_counter()
+
+    def stop(self) -> None:
+        self.seconds += time.perf_counter() - self._started
+
+
+class _Mark(torch.autograd.Function):
+    """Identity whose backward calls ``callback`` (a timer's start or stop)."""
+
+    @staticmethod
+    def forward(ctx, tensor, callback):
+        ctx.callback = callback
+        return tensor.view_as(tensor)
+
+    @staticmethod
+    def backward(ctx, grad):
+        ctx.callback()
+        return grad, None
+
+
+comm_timer: Optional[CommTimer] = None
+
+
 def all_to_all_rows(rows: torch.Tensor, recv_splits: list, send_splits: list, group) -> torch.Tensor:
     """Exchange blocks of rows: rows (sum send_splits, C) -> (sum recv_splits, C).
 
     Block d of ``rows`` (send_splits[d] rows) goes to rank d; block s of the result came
     from rank s. Differentiable when autograd records (its backward swaps the splits)."""
+    timer = comm_timer
+    if timer is not None:
+        timer.bytes_sent += rows.element_size() * rows.shape[1] * (
+            sum(send_splits) - send_splits[dist.get_rank(group)])
+        timer.start()
     received = rows.new_empty(sum(recv_splits), rows.shape[1])  # (R, C)
     if torch.is_grad_enabled() and rows.requires_grad:
         from torch.distributed.nn.functional import all_to_all_single
 
+        if timer is not None:
+            rows = _Mark.apply(rows, timer.stop)  # backward: the collective's backward ended
         with warnings.catch_warnings():  # its deprecation notice names a private successor
             warnings.simplefilter("ignore", FutureWarning)
-            return all_to_all_single(received, rows.contiguous(), recv_splits, send_splits,
-                                     group=group)  # (R, C)
-    dist.all_to_all_single(received, rows.contiguous(), recv_splits, send_splits, group=group)
+            received = all_to_all_single(received, rows.contiguous(), recv_splits, send_splits,
+                                         group=group)  # (R, C)
+        if timer is not None:
+            received = _Mark.apply(received, timer.start)  # backward: it is about to start
+    else:
+        dist.all_to_all_single(received, rows.contiguous(), recv_splits, send_splits, group=group)
+    if timer is not None:
+        timer.stop()
     return received  # (R, C)
 
 
@@ -113,7 +163,11 @@ def exchange_counts(counts: torch.Tensor, group) -> torch.Tensor:
     will send to each of this rank's experts. An all-to-all with equal splits."""
     world = dist.get_world_size(group)
     received = torch.empty_like(counts)  # (E,)
+    if comm_timer is not None:
+        comm_timer.start()
     dist.all_to_all_single(received, counts.contiguous(), group=group)
+    if comm_timer is not None:
+        comm_timer.stop()
     return received.view(world, -1)  # (W, E/W)
 
 
