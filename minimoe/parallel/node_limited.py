@@ -37,6 +37,8 @@ bytes and microseconds.
 
 from __future__ import annotations
 
+import copy
+import functools
 from typing import Optional
 
 import torch
@@ -117,6 +119,12 @@ def compare_routing(n_experts: int, k: int, n_ranks: int, ranks_per_node: int, m
 
     Sigmoid affinities of a random router (every expert equally likely: a balanced load),
     tokens spread evenly over the ranks. Returns {"top-k": counts, "node-limited": counts}."""
+    return copy.deepcopy(_compare_routing(n_experts, k, n_ranks, ranks_per_node, max_nodes,
+                                          n_tokens, seed))
+
+
+@functools.lru_cache(maxsize=16)
+def _compare_routing(n_experts, k, n_ranks, ranks_per_node, max_nodes, n_tokens, seed) -> dict:
     gen = torch.Generator().manual_seed(seed)
     scores = torch.randn(n_tokens, n_experts, generator=gen).sigmoid()  # (N, E)
     source_rank = torch.arange(n_tokens) % n_ranks  # (N,)
