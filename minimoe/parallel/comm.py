@@ -7,10 +7,10 @@ The numbers (DeepSeek-V3 technical report)
 * Cluster (§3.1, §3.2): H800 nodes of 8 GPUs; NVLink 160 GB/s and InfiniBand 50 GB/s per
   GPU (§3.2.2). Training uses 64-way expert parallelism over 8 nodes, so 256 routed experts
   sit 4 per GPU, 32 per node.
-* Dispatch precision (§3.3.2, "Low-Precision Communication"): activations before the MoE
-  up-projection are quantised to FP8 for the dispatch, with one scale per 1x128 tile, so one
-  token row of width C costs C bytes + 4 bytes per 128 elements (a float32 scale) instead of
-  2C in BF16; the combine stays in BF16.
+* Dispatch precision (§3.3.3, "Low-Precision Storage and Communication"): activations
+  before the MoE up-projection are quantised to FP8 for the dispatch, with the 1x128-tile
+  scales of §3.3.2, so one token row of width C costs C bytes + 4 bytes per 128 elements (a
+  float32 scale) instead of 2C in BF16; the combine stays in BF16.
 * Routing (§2.1.2, §3.2.2): top-8 of 256, node-limited to M = 4 nodes.
 
 Per token and MoE layer, with n_IB the token's copies over InfiniBand (distinct remote
@@ -38,7 +38,7 @@ from minimoe.parallel.node_limited import compare_routing
 
 NVLINK_BYTES_PER_S = 160e9  # per GPU, H800 (DeepSeek-V3 §3.2.2)
 IB_BYTES_PER_S = 50e9  # per GPU (DeepSeek-V3 §3.2.2)
-FP8_TILE = 128  # one float32 scale per 1x128 activation tile (§3.3.2)
+FP8_TILE = 128  # one float32 scale per 1x128 activation tile (§3.3.2, §3.3.3)
 
 
 def bytes_per_element(dispatch: str) -> float:

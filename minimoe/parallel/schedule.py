@@ -363,7 +363,7 @@ def draw_timeline(result: ScheduleResult, ax=None, title: Optional[str] = None):
     names = {"F": "F", "B": "B (full)", "Bi": "B - W", "W": "W", "F&B": "F&B"}
     kinds = sorted({c.kind for chunks in result.timeline for c in chunks}, key=list(names).index)
     ax.legend(handles=[Patch(color=COLOURS[k], label=names[k]) for k in kinds],
-              loc="upper right", fontsize=7, ncol=len(kinds))
+              loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=7)
     ax.set_title(title or f"{result.name}: PP={result.pp}, {result.micro_batches} micro-batches, "
                  f"bubble {result.bubble:.2f}, peak activations {result.peak_activations}")
     return ax
