@@ -426,8 +426,7 @@ class MoE(nn.Module):
             routed_mask = ~is_zero if keep is None else keep & ~is_zero  # (N, k)
 
         # 3. routed FFN experts (float32 accumulation), then identity experts: weight * x
-        dispatch = dispatch_sorted if cfg.dispatch == "sorted" else dispatch_naive
-        routed = dispatch(flat, topk_idx, topk_weight, self.experts, mask=routed_mask)  # (N, C)
+        routed = self.routed_output(flat, topk_idx, topk_weight, routed_mask)  # (N, C)
         if self.n_zero_experts > 0:
             zero_weight = (topk_weight * is_zero).sum(dim=-1, keepdim=True)  # (N, 1)
             routed = routed + zero_weight * flat  # (N, C)
@@ -452,6 +451,15 @@ class MoE(nn.Module):
         if self.training:
             self.tokens_per_expert += stats["tokens_per_expert"].to(self.tokens_per_expert.device)
         return y.view(B, T, C), {"losses": losses, "router": stats}
+
+    def routed_output(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor,
+                      mask: Optional[torch.Tensor]) -> torch.Tensor:
+        """sum_j w_{t,j} FFN_{idx_{t,j}}(x_t) over the slots in mask: x (N, C) -> (N, C).
+
+        The one place where tokens meet the routed experts; ``minimoe.parallel`` overrides it
+        to send the tokens to experts that live in other processes."""
+        dispatch = dispatch_sorted if self.cfg.dispatch == "sorted" else dispatch_naive
+        return dispatch(x, topk_idx, topk_weight, self.experts, mask=mask)  # (N, C)
 
     @torch.no_grad()
     def update_expert_bias(self) -> None:
