@@ -41,7 +41,7 @@ index) so that the grouped SwiGLU of ``minimoe.moe.grouped_swiglu`` sees contigu
 and ungrouped afterwards. torchtitan's ``ExpertParallel._token_dispatch`` (torchtitan/
 distributed/expert_parallel.py) and Megatron-LM's ``MoEAlltoAllTokenDispatcher`` (megatron/
 core/transformer/moe/token_dispatcher.py: ``input_splits`` = tokens per expert reshaped to
-(ep_size, local experts) and summed; ``moe_utils.sort_chunks_by_idxs`` regroups) do exactly
+(ep_size, local experts) and summed; moe_utils.sort_chunks_by_idxs regroups) do exactly
 these steps; DeepEP (deepseek-ai/DeepEP) fuses them into one kernel per direction.
 
 Gradients

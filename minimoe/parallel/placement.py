@@ -19,8 +19,8 @@ E/G + r slots each (r redundant slots per GPU, R = G r copies in all):
     two copies of one expert on different GPUs,
     minimising  max_g  sum_{copies on g} L_e / c_e.
 
-How it is solved here (the two steps of DeepSeek's EPLB, deepseek-ai/EPLB ``eplb.py``:
-``replicate_experts`` then ``balanced_packing``):
+How it is solved here (the two steps of DeepSeek's EPLB, deepseek-ai/EPLB eplb.py:
+replicate_experts then balanced_packing):
 
 1. Replication, greedy: R times, give one more copy to the expert with the largest load
    per copy L_e / c_e. This is *optimal* for the load of the heaviest copy,
