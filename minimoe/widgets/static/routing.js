@@ -202,17 +202,23 @@ function select(name, text, options, value) {
   return { label, input };
 }
 
-function heatmap(rows, columns, cell, colour, title) {
+function heatmap(rows, columns, cell, colour, title, rowLabels = null) {
   const canvas = document.createElement("canvas");
-  const width = Math.max(160, Math.min(520, columns * 14)), height = Math.min(360, rows * 12 + 4);
+  const margin = rowLabels ? 72 : 0;   // room for the row names on the left
+  const width = margin + Math.max(160, Math.min(520, columns * 14));
+  const height = Math.min(360, rows * (rowLabels ? 16 : 12) + 4);
   canvas.width = width; canvas.height = height;
   canvas.title = title;
   const ctx = canvas.getContext("2d");
-  const w = width / columns, h = (height - 4) / rows;
+  const w = (width - margin) / columns, h = (height - 4) / rows;
   for (let r = 0; r < rows; r++) {
+    if (rowLabels) {
+      ctx.fillStyle = "#333"; ctx.font = "11px sans-serif"; ctx.textBaseline = "middle";
+      ctx.fillText(rowLabels[r], 2, r * h + h / 2);
+    }
     for (let c = 0; c < columns; c++) {
       ctx.fillStyle = colour(cell(r, c));
-      ctx.fillRect(c * w, r * h, Math.ceil(w), Math.ceil(h));
+      ctx.fillRect(margin + c * w, r * h, Math.ceil(w), Math.ceil(h));
     }
   }
   return canvas;
@@ -355,7 +361,7 @@ function render({ model, el }) {
     });
     const top = Math.max(...dense.flat(), 1e-12);
     weightPanel.append(Object.assign(document.createElement("h4"),
-      { textContent: `Gate weights, ${settings.layer} (tokens x experts; max ${top.toFixed(3)})` }),
+      { textContent: `Gate weights, ${settings.layer} (row: token, column: expert; max ${top.toFixed(2)})` }),
       heatmap(dense.length, E, (r, c) => dense[r][c] / top, viridisLike, "gate weight / max"));
     panels.append(weightPanel, loadPanel(layer, E));
     if (result.domains) {
@@ -364,11 +370,11 @@ function render({ model, el }) {
       const domainPanel = document.createElement("div");
       const info = d.mutual_information[settings.layer];
       const note = Object.assign(document.createElement("div"), { className: "mm-note mm-domain-note" });
-      note.textContent = `rows: ${d.names.join(", ")} · I(domain; expert) = ${info.toFixed(2)} nats ` +
-        `of max ln ${d.names.length} = ${d.max_mutual_information.toFixed(2)} · colour: share 0 to 1`;
+      note.textContent = `I(domain; expert) = ${info.toFixed(2)} nats of max ln ${d.names.length} = ` +
+        `${d.max_mutual_information.toFixed(2)} · a column per expert · colour: share of the domain's slots, 0 to 1`;
       domainPanel.append(Object.assign(document.createElement("h4"),
         { textContent: `Expert usage by domain of the bundled corpus, ${settings.layer}` }),
-        heatmap(usage.length, E, (r, c) => usage[r][c], viridisLike, "share of the domain's slots"), note);
+        heatmap(usage.length, E, (r, c) => usage[r][c], viridisLike, "share of the domain's slots", d.names), note);
       panels.append(domainPanel);
     }
     body.append(panels);
