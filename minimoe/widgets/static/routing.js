@@ -276,110 +276,115 @@ function loadPanel(result, E) {
   return panel;
 }
 
-function render({ model, el }) {
-  const payload = model.get("data");
-  const root = Object.assign(document.createElement("div"), { className: "mm-routing" });
-  root.append(Object.assign(document.createElement("style"), { textContent: STYLE }));
-  const controls = Object.assign(document.createElement("div"), { className: "mm-controls" });
-  const body = document.createElement("div");
-  const resultBox = Object.assign(document.createElement("pre"), { className: "mm-result", hidden: true });
-  root.append(controls, body, resultBox);
-  el.append(root);
-
-  const spec0 = payload.specs[payload.layer_names[0]];
-  const E = spec0.n_experts;
+function buildControls(model, payload, E) {
   const divisors = [...Array(E).keys()].map((i) => i + 1)
     .filter((g) => E % g === 0 && (g === 1 || E / g >= 2) && g <= 64);
-  const widgets = {
+  const checkbox = (name, text) => {
+    const label = document.createElement("label");
+    const input = Object.assign(document.createElement("input"), { type: "checkbox", checked: model.get(name) });
+    input.dataset.control = name;
+    label.append(input, text);
+    return { label, input };
+  };
+  return {
     layer: select("layer", "layer", payload.layer_names, model.get("layer")),
     top_k: slider("top_k", "top-k", 1, Math.min(E, 16), 1, model.get("top_k"), String),
     scoring_func: select("scoring_func", "scores", ["softmax", "sigmoid"], model.get("scoring_func")),
     temperature: slider("temperature", "temperature", 0.1, 4, 0.05, model.get("temperature"), (v) => Number(v).toFixed(2)),
-    use_bias: (() => {
-      const label = document.createElement("label");
-      const input = Object.assign(document.createElement("input"), { type: "checkbox", checked: model.get("use_bias") });
-      input.dataset.control = "use_bias";
-      label.append(input, "expert bias");
-      return { label, input };
-    })(),
+    use_bias: checkbox("use_bias", "expert bias"),
     bias_scale: slider("bias_scale", "bias scale", 0, 5, 0.1, model.get("bias_scale"), (v) => Number(v).toFixed(1)),
     n_group: select("n_group", "n_group", divisors, model.get("n_group")),
     topk_group: slider("topk_group", "topk_group", 1, model.get("n_group"), 1, model.get("topk_group"), String),
     capacity_factor: slider("capacity_factor", "capacity factor", 0, 4, 0.25, model.get("capacity_factor"),
                             (v) => (Number(v) === 0 ? "off" : Number(v).toFixed(2))),
   };
+}
+
+function readControls(widgets) {
+  const settings = {};
+  for (const name of CONTROLS) {
+    const input = widgets[name].input;
+    settings[name] = name === "use_bias" ? input.checked
+      : ["layer", "scoring_func"].includes(name) ? input.value : Number(input.value);
+  }
+  return settings;
+}
+
+function showControls(widgets, settings) {
+  for (const name of CONTROLS) {
+    const input = widgets[name].input;
+    if (name === "use_bias") input.checked = settings.use_bias;
+    else input.value = String(settings[name]);
+    if (widgets[name].shown) widgets[name].shown.textContent =
+      name === "capacity_factor" ? (settings[name] === 0 ? "off" : settings[name].toFixed(2))
+        : name === "temperature" ? settings[name].toFixed(2)
+          : name === "bias_scale" ? settings[name].toFixed(1) : String(settings[name]);
+  }
+  widgets.topk_group.input.max = String(settings.n_group);
+  widgets.topk_group.input.disabled = settings.n_group === 1;
+}
+
+function weightPanel(layer, name, E) {
+  const dense = layer.experts.map((row, t) => {   // (tokens, E): kept gate weights, 0 elsewhere
+    const full = new Array(E).fill(0);
+    row.forEach((e, j) => { full[e] = layer.kept[t][j] ? layer.weights[t][j] : 0; });
+    return full;
+  });
+  const top = Math.max(...dense.flat(), 1e-12);
+  const panel = document.createElement("div");
+  panel.append(Object.assign(document.createElement("h4"),
+    { textContent: `Gate weights, ${name} (row: token, column: expert; max ${top.toFixed(2)})` }),
+    heatmap(dense.length, E, (r, c) => dense[r][c] / top, viridisLike, "gate weight / max"));
+  return panel;
+}
+
+function domainPanel(domains, name, E) {
+  const usage = domains.usage[name];
+  const note = Object.assign(document.createElement("div"), { className: "mm-note mm-domain-note" });
+  note.textContent = `I(domain; expert) = ${domains.mutual_information[name].toFixed(2)} nats of max ` +
+    `ln ${domains.names.length} = ${domains.max_mutual_information.toFixed(2)} · a column per expert · ` +
+    "colour: share of the domain's slots, 0 to 1";
+  const panel = document.createElement("div");
+  panel.append(Object.assign(document.createElement("h4"),
+    { textContent: `Expert usage by domain of the bundled corpus, ${name}` }),
+    heatmap(usage.length, E, (r, c) => usage[r][c], viridisLike, "share of the domain's slots", domains.names),
+    note);
+  return panel;
+}
+
+function drawResult(body, payload, result, E) {
+  const name = result.layer;
+  body.replaceChildren(Object.assign(document.createElement("h4"),
+    { textContent: `${payload.model_name}: each token coloured by its top-1 expert, one row per MoE layer (hover: experts and gate weights)` }));
+  const text = Object.assign(document.createElement("div"), { className: "mm-text" });
+  for (const layerName of payload.layer_names) {
+    text.append(tokenRow(layerName, payload.tokens, result.layers[layerName], layerName === name));
+  }
+  const panels = Object.assign(document.createElement("div"), { className: "mm-panels" });
+  panels.append(weightPanel(result.layers[name], name, E), loadPanel(result.layers[name], E));
+  if (result.domains) panels.append(domainPanel(result.domains, name, E));
+  body.append(text, panels);
+}
+
+function render({ model, el }) {
+  const payload = model.get("data");
+  const E = payload.specs[payload.layer_names[0]].n_experts;
+  const root = Object.assign(document.createElement("div"), { className: "mm-routing" });
+  const controls = Object.assign(document.createElement("div"), { className: "mm-controls" });
+  const body = document.createElement("div");
+  const resultBox = Object.assign(document.createElement("pre"), { className: "mm-result", hidden: true });
+  root.append(Object.assign(document.createElement("style"), { textContent: STYLE }), controls, body, resultBox);
+  el.append(root);
+  const widgets = buildControls(model, payload, E);
   for (const name of CONTROLS) controls.append(widgets[name].label);
-
-  function read() {
-    return {
-      layer: widgets.layer.input.value,
-      top_k: Number(widgets.top_k.input.value),
-      scoring_func: widgets.scoring_func.input.value,
-      temperature: Number(widgets.temperature.input.value),
-      use_bias: widgets.use_bias.input.checked,
-      bias_scale: Number(widgets.bias_scale.input.value),
-      n_group: Number(widgets.n_group.input.value),
-      topk_group: Number(widgets.topk_group.input.value),
-      capacity_factor: Number(widgets.capacity_factor.input.value),
-    };
-  }
-
-  function show(settings) {
-    for (const name of CONTROLS) {
-      const input = widgets[name].input;
-      if (name === "use_bias") input.checked = settings.use_bias;
-      else input.value = String(settings[name]);
-      if (widgets[name].shown) widgets[name].shown.textContent =
-        name === "capacity_factor" ? (settings[name] === 0 ? "off" : settings[name].toFixed(2))
-          : name === "temperature" ? settings[name].toFixed(2)
-            : name === "bias_scale" ? settings[name].toFixed(1) : String(settings[name]);
-    }
-    widgets.topk_group.input.max = String(settings.n_group);
-    widgets.topk_group.input.disabled = settings.n_group === 1;
-  }
 
   function draw() {
     const settings = fixSettings(Object.fromEntries(CONTROLS.map((c) => [c, model.get(c)])), E);
-    show(settings);
+    showControls(widgets, settings);
     const result = explore(payload, settings);
-    resultBox.textContent = JSON.stringify(result);
-    const layer = result.layers[settings.layer];
-    body.replaceChildren();
-    body.append(Object.assign(document.createElement("h4"),
-      { textContent: `${payload.model_name}: each token coloured by its top-1 expert, one row per MoE layer (hover: experts and gate weights)` }));
-    const text = Object.assign(document.createElement("div"), { className: "mm-text" });
-    for (const name of payload.layer_names) {
-      text.append(tokenRow(name, payload.tokens, result.layers[name], name === settings.layer));
-    }
-    body.append(text);
-    const panels = Object.assign(document.createElement("div"), { className: "mm-panels" });
-    const weightPanel = document.createElement("div");
-    const dense = layer.experts.map((row, t) => {
-      const full = new Array(E).fill(0);
-      row.forEach((e, j) => { full[e] = layer.kept[t][j] ? layer.weights[t][j] : 0; });
-      return full;
-    });
-    const top = Math.max(...dense.flat(), 1e-12);
-    weightPanel.append(Object.assign(document.createElement("h4"),
-      { textContent: `Gate weights, ${settings.layer} (row: token, column: expert; max ${top.toFixed(2)})` }),
-      heatmap(dense.length, E, (r, c) => dense[r][c] / top, viridisLike, "gate weight / max"));
-    panels.append(weightPanel, loadPanel(layer, E));
-    if (result.domains) {
-      const d = result.domains;
-      const usage = d.usage[settings.layer];
-      const domainPanel = document.createElement("div");
-      const info = d.mutual_information[settings.layer];
-      const note = Object.assign(document.createElement("div"), { className: "mm-note mm-domain-note" });
-      note.textContent = `I(domain; expert) = ${info.toFixed(2)} nats of max ln ${d.names.length} = ` +
-        `${d.max_mutual_information.toFixed(2)} · a column per expert · colour: share of the domain's slots, 0 to 1`;
-      domainPanel.append(Object.assign(document.createElement("h4"),
-        { textContent: `Expert usage by domain of the bundled corpus, ${settings.layer}` }),
-        heatmap(usage.length, E, (r, c) => usage[r][c], viridisLike, "share of the domain's slots", d.names), note);
-      panels.append(domainPanel);
-    }
-    body.append(panels);
+    resultBox.textContent = JSON.stringify(result);   // the numbers on display, for tests and readers
+    drawResult(body, payload, result, E);
   }
-
   let pending = false;   // one redraw for a burst of changes (several controls set at once)
   function scheduleDraw() {
     if (pending) return;
@@ -388,7 +393,7 @@ function render({ model, el }) {
   }
   for (const name of CONTROLS) {
     widgets[name].input.addEventListener("input", () => {
-      const settings = fixSettings(read(), E);
+      const settings = fixSettings(readControls(widgets), E);
       for (const c of CONTROLS) model.set(c, settings[c]);
       model.save_changes();
       scheduleDraw();
