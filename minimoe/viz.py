@@ -124,8 +124,19 @@ def format_usage_table(report: dict, layer: Optional[str] = None, top: int = 3) 
     return "\n".join(lines)
 
 
+def information_label(information: float, num_domains: int, num_experts: int) -> str:
+    """'I = 0.28 nats of max ln 5 = 1.61': the value, its unit and its ceiling."""
+    ceiling = min(num_domains, num_experts)
+    return f"I = {information:.2f} nats of max ln {ceiling} = {math.log(ceiling):.2f}"
+
+
 def plot_domain_usage(report: dict, path: Optional[str] = None, title: str = ""):
-    """Heatmaps (domains x experts) for every MoE layer; saved to `path` when given."""
+    """Heatmaps (domains x experts) for every MoE layer; saved to `path` when given.
+
+    All panels share one colour scale (0 to the largest share in any layer) and one colour
+    bar, so a colour means the same share in every layer; each panel states I(domain;
+    expert) in nats and its maximum ln(min(|D|, |E|)).
+    """
     import matplotlib
 
     if path is not None:
@@ -133,17 +144,21 @@ def plot_domain_usage(report: dict, path: Optional[str] = None, title: str = "")
     import matplotlib.pyplot as plt
 
     names = list(report["layers"])
-    fig, axes = plt.subplots(1, len(names), figsize=(3.6 * len(names), 2.8), squeeze=False)
-    for ax, name in zip(axes[0], names):
-        usage = report["layers"][name]["usage"].numpy()
-        image = ax.imshow(usage, aspect="auto", cmap="viridis", vmin=0.0)
-        ax.set_title(f"{name}  I={report['layers'][name]['mutual_information']:.2f}", fontsize=9)
+    usages = [torch.as_tensor(report["layers"][name]["usage"]).numpy() for name in names]
+    top = max(float(usage.max()) for usage in usages)
+    fig, axes = plt.subplots(1, len(names), figsize=(3.4 * len(names) + 0.8, 2.9), squeeze=False,
+                             layout="constrained")
+    for ax, name, usage in zip(axes[0], names, usages):
+        image = ax.imshow(usage, aspect="auto", cmap="viridis", vmin=0.0, vmax=top)
+        label = information_label(report["layers"][name]["mutual_information"],
+                                  usage.shape[0], usage.shape[1])
+        ax.set_title(f"{name}\n{label}", fontsize=9)
         ax.set_xlabel("expert")
         ax.set_yticks(range(len(report["domain_names"])))
         ax.set_yticklabels(report["domain_names"], fontsize=8)
-        fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
+    fig.colorbar(image, ax=list(axes[0]), fraction=0.03, pad=0.02,
+                 label="share of the domain's token-slots")
     fig.suptitle(title or "Share of each domain's token-slots per expert", fontsize=10)
-    fig.tight_layout()
     if path is not None:
         fig.savefig(path, dpi=120)
     return fig
