@@ -274,6 +274,11 @@ def build(editions=EDITIONS, out: Path | None = None, quiet: bool = True,
         check_toc(edition)
         source = stage(edition, work)
         site = out / edition
+        # From scratch every time (about 10 s an edition): an incremental Sphinx build neither
+        # re-emits the warnings of unchanged pages nor redraws their navigation.
+        for stale in (site, work / "doctrees" / edition):
+            if stale.exists():
+                shutil.rmtree(stale)
         args = ["-b", "html", "-W", "--keep-going", "-d", str(work / "doctrees" / edition),
                 str(source), str(site)]
         if quiet:
