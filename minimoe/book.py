@@ -281,6 +281,8 @@ def build(editions=EDITIONS, out: Path | None = None, quiet: bool = True,
                 shutil.rmtree(stale)
         args = ["-b", "html", "-W", "--keep-going", "-d", str(work / "doctrees" / edition),
                 str(source), str(site)]
+        if edition == "en":  # book/_ext/code_links.py finds definitions in the source tree
+            args[:0] = ["-D", f"code_links_root={REPO}"]
         if quiet:
             args.insert(0, "-q")
         status = build_main(args)

@@ -8,6 +8,7 @@ Debian's chromium. Where either is missing the tests skip and say so -- except i
 (CI=true), where a missing book toolchain or browser is a failure.
 """
 
+import json
 import os
 import re
 import shutil
@@ -79,7 +80,8 @@ class PageParser(HTMLParser):
     def __init__(self):
         super().__init__()
         self.html_attrs, self.ids, self.links, self.loads = {}, set(), [], []
-        self.ltr_blocks = []  # (tag, class) of code, math and table elements
+        self.code_links = set()  # the text of each link into the code pages
+        self._code_link_text = None
 
     def handle_starttag(self, tag, attrs):
         attrs = dict(attrs)
@@ -90,6 +92,8 @@ class PageParser(HTMLParser):
                 self.ids.add(attrs[key])
         if tag == "a" and attrs.get("href"):
             self.links.append(attrs["href"])
+            if re.search(r"(^|/)code/[^/]+\.html$", attrs["href"]):
+                self._code_link_text = []
         if tag in ("script", "img", "iframe", "source", "video", "audio", "embed") and attrs.get("src"):
             self.loads.append(attrs["src"])
         if tag == "link" and attrs.get("href"):
@@ -97,6 +101,16 @@ class PageParser(HTMLParser):
             (self.links if rel in ("prev", "next", "index", "search") else self.loads).append(attrs["href"])
         if "style" in attrs and "url(" in attrs["style"]:
             self.loads += re.findall(r"url\(['\"]?([^'\")]+)", attrs["style"])
+
+
+    def handle_data(self, data):
+        if self._code_link_text is not None:
+            self._code_link_text.append(data)
+
+    def handle_endtag(self, tag):
+        if tag == "a" and self._code_link_text is not None:
+            self.code_links.add("".join(self._code_link_text).strip())
+            self._code_link_text = None
 
 
 def parse(path: Path) -> PageParser:
@@ -121,6 +135,34 @@ def test_every_notebook_is_a_chapter_of_the_built_site(site):
         target = f"notebooks/{notebook.stem}.html"
         assert (site / "en" / target).is_file(), f"{notebook.name} was not built into {target}"
         assert target in nav, f"{notebook.name}: the English index does not link to {target}"
+
+
+MODULE_NAME = re.compile(r"`(minimoe\.[\w.]+|(?:minimoe|kernels)/[\w/]+\.py)`")
+
+
+def test_the_text_links_to_the_code_it_discusses(site):
+    """Every module, function or class the prose names as `minimoe....` links to its code
+    page; so does every `minimoe.X` in a notebook's text where minimoe/X.py exists."""
+    unlinked = []
+    for source in sorted((REPO / "book").glob("*.md")):
+        named = set(MODULE_NAME.findall(source.read_text(encoding="utf-8")))
+        linked = parse(site / "en" / f"{source.stem}.html").code_links
+        unlinked += [f"{source.name}: {name}" for name in sorted(named - linked)]
+    for notebook in sorted((REPO / "notebooks").glob("*.ipynb")):
+        cells = json.loads(notebook.read_text(encoding="utf-8"))["cells"]
+        text = "\n".join("".join(c["source"]) for c in cells if c["cell_type"] == "markdown")
+        named = {name for name in MODULE_NAME.findall(text) if name.count(".") == 1
+                 and (REPO / "minimoe" / f"{name.split('.')[1]}.py").is_file()}
+        linked = parse(site / "en" / "notebooks" / f"{notebook.stem}.html").code_links
+        unlinked += [f"{notebook.name}: {name}" for name in sorted(named - linked)]
+    assert not unlinked, "named in the text but not linked to its code page:\n" + "\n".join(unlinked)
+    index = parse(site / "en" / "code" / "index.html").links
+    for source in ("minimoe/router.py", "minimoe/moe.py", "kernels/fused_moe.py"):
+        slug = source[:-3].replace("/", "_")
+        assert f"{slug}.html" in index, f"no code page for {source}"
+        page = (site / "en" / "code" / f"{slug}.html").read_text(encoding="utf-8")
+        names = re.findall(r"^(?:def|class) (\w+)", (REPO / source).read_text(), re.MULTILINE)
+        assert names and all(f">{name}<" in page for name in names), f"{slug}.html does not show {source}"
 
 
 def test_no_internal_link_points_to_a_missing_target(site):
