@@ -265,5 +265,19 @@ def test_math_renders_offline_and_arabic_layout_in_chromium(site):
             sidebar = page.locator("#pst-primary-sidebar").bounding_box()
             article = page.locator("article").bounding_box()
             assert sidebar["x"] > article["x"], "the sidebar is not on the right"
+        with book.offline_page(browser, url, blocked) as page:
+            page.goto(f"{url}/ar/glossary.html")  # no page contents: the article fills the width
+            sidebar = page.locator("#pst-primary-sidebar").bounding_box()
+            article = page.locator("article").bounding_box()
+            gap = sidebar["x"] - (article["x"] + article["width"])
+            assert 0 <= gap < 50, f"the article does not sit against the right-hand sidebar ({gap:.0f} px)"
+        # search runs offline, in both editions
+        for query, expected in (("en/search.html?q=router", "glossary.html"),
+                                ("ar/search.html?q=الخبراء", "glossary.html")):
+            with book.offline_page(browser, url, blocked) as page:
+                page.goto(f"{url}/{query}")
+                page.wait_for_selector("#search-results li", timeout=60_000)
+                hits = page.locator("#search-results li a").evaluate_all("links => links.map(a => a.href)")
+                assert any(expected in hit for hit in hits), f"{query}: {hits}"
         browser.close()
     assert not blocked, f"pages tried to load from the network: {sorted(set(blocked))}"
