@@ -113,7 +113,7 @@ def headline_table(language: str) -> str:
     systems = [("DeepSeek-V3", "deepseek-v3"), ("Ling-mini-2.0", "ling-mini-2.0"),
                ("Ling-flash-2.0", "ling-flash-2.0"), ("LongCat-Flash", "longcat-flash")]
     if language == "ar":
-        header = ("| النموذج | المعاملات الكلية | المعاملات النشطة لكل رمز | النسبة النشطة | "
+        header = ("| النموذج | المعاملات الكلية | المعاملات النشطة لكل وحدة نصية | النسبة النشطة | "
                   "الخبراء الموجَّهون (المختار منهم k) | الخبراء المشتركون |")
     else:
         header = ("| model | total parameters | active per token | active share | "

@@ -284,3 +284,16 @@ def test_math_renders_offline_and_arabic_layout_in_chromium(site):
                 assert any(expected in hit for hit in hits), f"{query}: {hits}"
         browser.close()
     assert not blocked, f"pages tried to load from the network: {sorted(set(blocked))}"
+
+
+def test_headline_numbers_match_the_published_totals(site):
+    """The introductions' table is computed at build time; its totals must agree with the
+    publishers' (DeepSeek-V3 report; Ling-2.0 hub counts; LongCat-Flash report) to 0.5%."""
+    published = {"DeepSeek-V3": 671e9, "Ling-mini-2.0": 16.26e9, "Ling-flash-2.0": 102.9e9,
+                 "LongCat-Flash": 560e9}
+    for edition in ("en", "ar"):
+        html = (site / edition / "intro.html").read_text(encoding="utf-8")
+        for model, total in published.items():
+            row = re.search(rf"<td><p>{re.escape(model)}</p></td>\s*<td[^>]*><p>([\d.]+)B</p>", html)
+            assert row, f"{edition}/intro.html has no row for {model}"
+            assert abs(float(row.group(1)) * 1e9 / total - 1) < 0.005, (edition, model, row.group(1))
