@@ -182,7 +182,8 @@ def code_pages(target: Path) -> set[Path]:
         page = target / "code" / f"{slug}.md"
         include = Path(os.path.relpath(source, page.parent)).as_posix()
         text = (f"# `{relative.as_posix()}`\n\n"
-                f"```{{literalinclude}} {include}\n:language: python\n:linenos:\n```\n")
+                f"```{{literalinclude}} {include}\n:language: python\n:linenos:\n"
+                f":class: source-file\n```\n")
         write_if_changed(page, text)
         written.add(page)
         rows.append(f"* [`{relative.as_posix()}`]({slug}.md)")
