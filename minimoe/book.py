@@ -388,6 +388,8 @@ def main(argv=None) -> int:
                         help="then write figures/book_en.png and book_ar.png (needs chromium)")
     parser.add_argument("--verbose", action="store_true", help="Sphinx's progress messages")
     args = parser.parse_args(argv)
+    if args.screenshots and args.edition and set(args.edition) != set(EDITIONS):
+        parser.error("--screenshots shows one page of each edition: build both (no --edition)")
     start = time.perf_counter()
     indexes = build(tuple(args.edition or EDITIONS), args.out, quiet=not args.verbose)
     for edition, index in indexes.items():
