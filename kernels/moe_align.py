@@ -45,7 +45,8 @@ The M slots are cut into chunks of CHUNK slots, G = ceil(M / CHUNK) chunks.
 2. ``_offsets_kernel`` (1 program): walks the G rows of chunk_counts keeping a running
    per-expert total -> ``chunk_offsets[g, e]`` = slots of expert e in chunks before g; then
    pads the totals, takes the exclusive prefix sum (tl.cumsum) -> ``expert_start``,
-   ``expert_end``, ``num_tokens_post_padded``, and fills ``expert_ids`` block by block.
+   ``expert_end``, ``total`` (vLLM's num_tokens_post_padded), and fills ``expert_ids`` block
+   by block.
 3. ``_scatter_kernel`` (G programs): each slot's position is
    start[e] + chunk_offsets[g, e] + (number of earlier slots of the same expert in the same
    chunk; a CHUNK x CHUNK comparison) and the slot id is written there.

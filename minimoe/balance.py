@@ -1,5 +1,8 @@
 """Load balance: keeping every expert busy, and measuring how well that works.
 
+The formulas and their sources live here; notebook 02 runs each of them on small tensors
+and compares them on five trained twins.
+
 Why balance at all
 ------------------
 A router trained only on the language-modelling loss tends to *collapse*: the experts

@@ -161,11 +161,25 @@ class ModelConfig:
 
     def validate(self) -> None:
         """Raise ValueError naming the field and the rule for every impossible setting."""
+        self._validate_kinds()
+        self._validate_attention()
+        self._validate_positions()
+        self._validate_experts()
+        for name in ("aux_loss_alpha", "seq_aux_loss_alpha", "z_loss_coef", "bias_update_rate",
+                     "mtp_loss_weight"):
+            self._need(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
+        self._need(self.num_nextn_predict_layers >= 0,
+                   f"num_nextn_predict_layers must be >= 0, got {self.num_nextn_predict_layers}")
+        self._need(self.mtp_input in MTP_INPUTS,
+                   f"mtp_input must be one of {MTP_INPUTS}, got {self.mtp_input!r}")
 
-        def need(condition: bool, message: str) -> None:
-            if not condition:
-                raise ValueError(f"ModelConfig({self.name}): {message}")
+    def _need(self, condition: bool, message: str) -> None:
+        if not condition:
+            raise ValueError(f"ModelConfig({self.name}): {message}")
 
+    def _validate_kinds(self) -> None:
+        """Sizes are positive; every string field is one of its known values."""
+        need = self._need
         for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
                      "num_key_value_heads", "head_dim", "max_position_embeddings"):
             need(getattr(self, name) > 0, f"{name} must be > 0, got {getattr(self, name)}")
@@ -182,6 +196,9 @@ class ModelConfig:
         need(self.kernels in KERNEL_KINDS,
              f"kernels must be one of {KERNEL_KINDS}, got {self.kernels!r}")
         need(isinstance(self.fp8, bool), f"fp8 must be True or False, got {self.fp8!r}")
+
+    def _validate_attention(self) -> None:
+        need = self._need
         need(self.num_attention_heads % self.num_key_value_heads == 0,
              f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
              f"num_key_value_heads ({self.num_key_value_heads})")
@@ -201,6 +218,9 @@ class ModelConfig:
                  "q_lora_rank (got None)")
             need(self.qk_norm == "none", "qk_norm is not defined for attention='mla' (MLA has "
                  "its own latent norms); set qk_norm='none'")
+
+    def _validate_positions(self) -> None:
+        need = self._need
         need(0.0 < self.partial_rotary_factor <= 1.0,
              f"partial_rotary_factor must be in (0, 1], got {self.partial_rotary_factor}")
         if self.attention != "mla":
@@ -218,7 +238,8 @@ class ModelConfig:
                 need(float(self.rope_scaling.get("factor", 0)) >= 1.0,
                      f"rope_scaling['factor'] must be >= 1, got {self.rope_scaling.get('factor')}")
 
-        # ---- experts
+    def _validate_experts(self) -> None:
+        need = self._need
         need(self.n_routed_experts >= 0, f"n_routed_experts must be >= 0, got {self.n_routed_experts}")
         need(self.n_shared_experts >= 0, f"n_shared_experts must be >= 0, got {self.n_shared_experts}")
         need(self.n_zero_experts >= 0, f"n_zero_experts must be >= 0, got {self.n_zero_experts}")
@@ -260,13 +281,6 @@ class ModelConfig:
             need(self.intermediate_size > 0,
                  f"first_k_dense_replace={self.first_k_dense_replace} dense layers need "
                  f"intermediate_size > 0, got {self.intermediate_size}")
-        for name in ("aux_loss_alpha", "seq_aux_loss_alpha", "z_loss_coef", "bias_update_rate",
-                     "mtp_loss_weight"):
-            need(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
-        need(self.num_nextn_predict_layers >= 0,
-             f"num_nextn_predict_layers must be >= 0, got {self.num_nextn_predict_layers}")
-        need(self.mtp_input in MTP_INPUTS,
-             f"mtp_input must be one of {MTP_INPUTS}, got {self.mtp_input!r}")
 
     # ---- derived quantities ------------------------------------------------------------------
     @property

@@ -10,6 +10,9 @@ Sources: DeepSeek-V3 technical report (arXiv 2412.19437) §3.3 and Figure 7; the
 checkpoints' ``quantization_config`` (``weight_block_size [128, 128]``, ``weight_scale_inv``);
 DeepSeek-V3.1's ``scale_fmt: "ue8m0"``.
 
+The derivations live here; notebook 06 runs each idea on small tensors and shows the
+committed results of the accumulation and training experiments.
+
 The two formats
 ---------------
 An FP8 number is 1 sign bit plus an exponent and a mantissa sharing the other 7 bits:

@@ -79,59 +79,36 @@ or per call: ``mla(x, positions, cache, mode="naive")``.
   large as MHA's; the compression buys nothing at inference.
 * "absorbed" (DeepSeek-V2 §2.1.2, last paragraph; DeepSeek's inference/model.py
   ``attn_impl="absorb"``): cache c^KV and k^R as "latent" does, never build per-head K or
-  V at all. Derivation below.
+  V at all (the formulas below).
 
-The absorption, step by step
-----------------------------
-Write one head i, one query position t and one key position j (shapes in brackets;
-d_c = kv_lora_rank, D_n = qk_nope_head_dim, D_r = qk_rope_head_dim, D_v = v_head_dim):
+Absorbed decoding, in formulas
+------------------------------
+The derivation, step by step and checked in code, is in notebook 03, sections 5-7 (the
+absorption, why RoPE needs its own key, the measured trade-off). For one head i, query
+position t and key position j (d_c = kv_lora_rank, D_n = qk_nope_head_dim, D_r =
+qk_rope_head_dim, D_v = v_head_dim; W^UK_i (D_n, d_c) and W^UV_i (D_v, d_c) are head i's
+rows of kv_b_proj.weight, taken as views by ``absorbed_weights``):
 
-    W^UK_i (D_n, d_c), W^UV_i (D_v, d_c) = the rows of kv_b_proj.weight for head i
-    k^C_{j,i} = W^UK_i c_j                                   [D_n]
-    score_{t,j,i} = q^C_{t,i} . k^C_{j,i} + q^R_{t,i} . k^R_j  (times scale)
+    1. q^L_{t,i}     = (W^UK_i)^T q^C_{t,i}                       [d_c]  the absorbed query
+    2. score_{t,j,i} = (q^L_{t,i} . c_j  +  q^R_{t,i} . k^R_j) * scale
+    3. o_{t,i}       = W^UV_i (sum_j p_{t,j,i} c_j)               [D_v]  p = softmax_j(score)
 
-1. Scores, content part. A dot product is a matrix product, and matrix products are
-   associative:
+Step 1 is associativity, q^C . (W^UK c_j) = ((W^UK)^T q^C) . c_j; step 3 is linearity
+(W^UV_i does not depend on j). ``_attend_absorbed`` computes them in this order: q_latent =
+einsum("bhtn,hnc->bhtc", q_nope, w_uk) (B, H, T, d_c); scores = q_latent @ c_kv^T + q_pe @
+k_pe^T (B, H, T, S), one multi-query score of width d_c + D_r (576 for V3) against the
+cached [c ; k^R]; out_latent = p @ c_kv (B, H, T, d_c), then W^UV per head (B, H, T, D_v).
+Only the position-free part can be absorbed: a rotated content key would put R_{j-t}
+between the query and W^UK (DeepSeek-V2 §2.1.3), hence the decoupled k^R. W^UV could be
+folded further into o_proj (W^O_i W^UV_i, as the V2 paper notes), but that product holds
+H * C * d_c numbers (V3: 470M per layer, more than the layer), so here, as in DeepSeek's
+code, W^UV stays separate.
 
-       q^C_{t,i} . (W^UK_i c_j) = (q^C_{t,i})^T W^UK_i c_j = ((W^UK_i)^T q^C_{t,i}) . c_j
-
-   so define the *absorbed query* q^L_{t,i} = (W^UK_i)^T q^C_{t,i}  [d_c]: the query moved
-   into latent space. One (D_n x d_c) product per query head per new token replaces one
-   per head per *cached* token. In code: q_latent = einsum("bhtn,hnc->bhtc", q_nope, W_UK)
-   -> (B, H, T, d_c), then scores_nope = q_latent @ c_kv^T -> (B, H, T, T_all): every head
-   attends to the same cached latent, like multi-query attention with one KV "head" of
-   width d_c.
-
-2. Scores, rope part. q^R_{t,i} . k^R_j is already cheap: k^R is shared by all heads and
-   cached as is. Add it: scores = (q^L . c + q^R . k^R) * scale. Equivalently, concatenate
-   [q^L ; q^R] (d_c + D_r = 576 for V3) and [c ; k^R]: one MQA score of width 576.
-
-3. Values. The output of head i is
-
-       o_{t,i} = sum_j p_{t,j,i} W^UV_i c_j = W^UV_i (sum_j p_{t,j,i} c_j)
-
-   (linearity: W^UV_i does not depend on j), so attend over the latents first,
-   o^L = p @ c_kv -> (B, H, T, d_c), then o_{t,i} = W^UV_i o^L_{t,i} -> (B, H, T, D_v).
-   W^UV could go one step further, into o_proj (W^O_i W^UV_i, a (C x d_c) matrix per
-   head), as the V2 paper notes; that product is H * C * d_c numbers (V3: 470M per
-   layer, bigger than the layer), so here, as in DeepSeek's code, W^UV stays separate.
-
-4. Why RoPE breaks this, hence the decoupled key (DeepSeek-V2 §2.1.3). Had RoPE been
-   applied to k^C, the content score would be (R_t q^C)^T R_j W^UK c_j
-   = (q^C)^T R_{j-t} W^UK c_j, and the rotation R_{j-t} sits *between* the query and
-   W^UK and changes with the key position j: the query would need a different absorbed
-   matrix (W^UK)^T R_{j-t}^T for every cached key, which is no saving at all. MLA keeps
-   the rotated part out of the latent: a small per-head q^R and ONE shared k^R
-   (computed from h_t, not from c_t), cached next to the latent. Only the position-free
-   part is absorbed.
-
-Cost per decoding step and per cached token: naive reads H * (D_n + D_r + D_v) numbers
-and does as many multiply-adds (scores over D_n + D_r, values over D_v); absorbed reads
-only d_c + D_r numbers, but every query head does d_c + D_r multiply-adds for its score
-and d_c for its value, H * (2 d_c + D_r) in all: 1088 H against 320 H for V3's dims. Absorbed MLA moves
-3.4x more multiply-adds per cached token through 71x (V3, 128 heads) fewer bytes: it
-trades compute, which a GPU has in excess during decoding, for memory traffic, which it
-does not. minimoe.bench.mla_decode measures both on a CPU.
+Cost per decoding step and cached token: naive reads H * (D_n + D_r + D_v) numbers and does
+as many multiply-adds; absorbed reads d_c + D_r numbers and does H * (2 d_c + D_r)
+multiply-adds: 1088 H against 320 H for V3's dims, 3.4x more arithmetic through 71x fewer
+bytes (128 heads). It trades compute, which a GPU has in excess during decoding, for memory
+traffic, which it does not. ``python -m minimoe.bench.mla_decode`` measures both on a CPU.
 
 LongCat-Flash scale factors (``cfg.mla_scale_q_lora``, ``cfg.mla_scale_kv_lora``)
 -------------------------------------------------------------------------------

@@ -1,5 +1,8 @@
 """The MoE layer: route every token to k experts, run each expert on its tokens, combine.
 
+Notebook 01, sections 4-6, builds this layer step by step; the details, the costs and the
+choices behind them live here.
+
 How an MoE layer computes
 -------------------------
 For N tokens x_t (width C) the router (``minimoe.router``) returns, per token, k expert

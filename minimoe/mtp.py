@@ -29,36 +29,36 @@ output head reads. Every runtime that serves released MTP weights feeds the modu
 **norm(x), the state after the final norm** ("post_norm"), and, for depth k+1, module k's
 output after its own final norm:
 
-* DeepSeek-V3/V3.1: vLLM ``model_executor/models/deepseek_mtp.py``,
-  ``DeepSeekMultiTokenPredictorLayer.forward`` applies hnorm to ``previous_hidden_states``,
-  the target model's output: ``deepseek_v2.py`` ``DeepseekV2Model.forward`` returns
-  ``self.norm(hidden_states, residual)`` (``compute_logits`` applies the head to it
-  directly), and ``v1/worker/gpu_model_runner.py`` hands those states to the drafter.
-  SGLang ``models/deepseek_nextn.py`` ``DeepseekModelNextN.forward`` applies hnorm to
-  ``spec_info.hidden_states``, which ``layers/logits_processor.py``
-  ``LogitsProcessor.forward`` stores from the head's input, ``DeepseekV2Model.forward``'s
-  normed output. DeepSeek's own ``inference/model.py`` has no MTP forward (its README
+* DeepSeek-V3/V3.1: vLLM model_executor/models/deepseek_mtp.py,
+  DeepSeekMultiTokenPredictorLayer.forward applies hnorm to previous_hidden_states,
+  the target model's output: deepseek_v2.py DeepseekV2Model.forward returns
+  self.norm(hidden_states, residual) (compute_logits applies the head to it
+  directly), and v1/worker/gpu_model_runner.py hands those states to the drafter.
+  SGLang models/deepseek_nextn.py DeepseekModelNextN.forward applies hnorm to
+  spec_info.hidden_states, which layers/logits_processor.py
+  LogitsProcessor.forward stores from the head's input, DeepseekV2Model.forward's
+  normed output. DeepSeek's own inference/model.py has no MTP forward (its README
   leaves MTP to the community runtimes).
-* GLM-4.5: vLLM ``glm4_moe_mtp.py`` ``Glm4MoeMultiTokenPredictorLayer.forward`` (target:
-  ``glm4_moe.py`` ``Glm4MoeModel``, head applied directly in ``compute_logits``); SGLang
-  ``glm4_moe_nextn.py`` ``Glm4MoeModelNextN.forward``. Both as for DeepSeek.
-* LongCat-Flash: vLLM ``longcat_flash_mtp.py`` ``LongCatMultiTokenPredictorLayer.forward``
-  (target: ``longcat_flash.py`` ``FlashModel.forward`` returns ``self.norm(...)``); SGLang
-  ``longcat_flash_nextn.py`` ``LongcatFlashModelNextN.forward``; Meituan's own engine
-  (meituan-longcat/SGLang-FluentLLM ``models/flash_nextn.py``,
-  ``FLASHModelNextN.forward``): hnorm of the captured, normed target state.
-* Ling-2.0 (bailing_moe_v2): inclusionAI's ``models/modeling_bailing_moe_v2.py``,
-  ``BailingMoeV2Model.forward``: ``hidden_states = self.norm(hidden_states)`` and then the
-  MTP layers, each fed the previous one's output after its ``final_layernorm``
-  (``BailingMoeV2MTPLayer.forward``); inclusionAI's SGLang patch
-  (``inference/sglang/bailing_moe_v2.patch``, ``BailingMoEModelNextN.forward``) and SGLang
-  ``bailing_moe_nextn.py`` do the same; vLLM's Bailing drafters (``bailing_mtp.py``,
-  ``bailing_moe_mtp.py``) likewise.
-* Training: Megatron-LM (which Ling-2.0 is trained with) ``models/gpt/gpt_model.py``
-  ``GPTModel._postprocess`` passes the decoder's output -- after ``TransformerBlock``'s
-  ``final_layernorm`` -- to ``transformer/multi_token_prediction.py``
-  ``MultiTokenPredictionBlock.forward``, whose layers each end with their own
-  ``final_layernorm`` (``MultiTokenPredictionLayer._postprocess``) and feed the next.
+* GLM-4.5: vLLM glm4_moe_mtp.py Glm4MoeMultiTokenPredictorLayer.forward (target:
+  glm4_moe.py Glm4MoeModel, head applied directly in compute_logits); SGLang
+  glm4_moe_nextn.py Glm4MoeModelNextN.forward. Both as for DeepSeek.
+* LongCat-Flash: vLLM longcat_flash_mtp.py LongCatMultiTokenPredictorLayer.forward
+  (target: longcat_flash.py FlashModel.forward returns self.norm(...)); SGLang
+  longcat_flash_nextn.py LongcatFlashModelNextN.forward; Meituan's own engine
+  (meituan-longcat/SGLang-FluentLLM models/flash_nextn.py,
+  FLASHModelNextN.forward): hnorm of the captured, normed target state.
+* Ling-2.0 (bailing_moe_v2): inclusionAI's models/modeling_bailing_moe_v2.py,
+  BailingMoeV2Model.forward: hidden_states = self.norm(hidden_states) and then the
+  MTP layers, each fed the previous one's output after its final_layernorm
+  (BailingMoeV2MTPLayer.forward); inclusionAI's SGLang patch
+  (inference/sglang/bailing_moe_v2.patch, BailingMoEModelNextN.forward) and SGLang
+  bailing_moe_nextn.py do the same; vLLM's Bailing drafters (bailing_mtp.py,
+  bailing_moe_mtp.py) likewise.
+* Training: Megatron-LM (which Ling-2.0 is trained with) models/gpt/gpt_model.py
+  GPTModel._postprocess passes the decoder's output -- after TransformerBlock's
+  final_layernorm -- to transformer/multi_token_prediction.py
+  MultiTokenPredictionBlock.forward, whose layers each end with their own
+  final_layernorm (MultiTokenPredictionLayer._postprocess) and feed the next.
 
 minimoe therefore defaults to "post_norm" and the checkpoint families set it; "pre_norm"
 (the residual stream, what minimoe fed before) remains for comparison. Fed the wrong state,

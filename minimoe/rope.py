@@ -1,5 +1,8 @@
 """Rotary position embeddings: RoPE, partial RoPE, linear interpolation, NTK-aware scaling, YaRN.
 
+The derivations live here; notebook 04 plots each method on DeepSeek-V3's numbers and
+measures them on a toy trained at 128 bytes.
+
 How RoPE works
 --------------
 Attention scores are dot products q_m . k_n between a query at position m and a key at

@@ -1,5 +1,8 @@
 """The router: which experts does each token visit, and with what weight?
 
+The formulas and their sources live here; notebook 02 runs each router on small tensors
+and compares the balancing methods on five trained twins.
+
 How routing works
 -----------------
 An MoE layer holds E experts. For every token x (a vector of width C) the router computes
@@ -70,8 +73,8 @@ bias steers the choice, and how the chosen scores become gate weights.
    and the same top-k (with the same correction bias), and a token that picks them simply
    spends less compute. Here they are the indices  >= n_routed_experts.  The router does
    not treat them specially: in the HF LongCat code routed_scaling_factor multiplies every
-   gate, zero experts included (whether runtimes should do so was a real question, sglang
-   issue #10019); what an identity expert does with its weight is the MoE layer's choice.
+   gate, zero experts included; what an identity expert does with its weight, and why that
+   was a real question between runtimes, is the MoE layer's story (``minimoe.moe``).
    With n_group > 1 the groups are cut over all E = n_routed + n_zero indices.
 
 What to notice

@@ -4,6 +4,7 @@ attention weight are in test_checkpoint.py.)"""
 
 import json
 import shutil
+import struct
 
 import pytest
 import torch
@@ -150,4 +151,36 @@ def test_missing_dense_tensor_and_fp8_without_scale(folder):
         name, tensors[name].to(torch.float8_e4m3fn)))
     with pytest.raises(KeyError, match=rf"{name} \(in {shard}\) is torch.float8_e4m3fn but the "
                                        rf"checkpoint has no {name}_scale_inv"):
+        minimoe.load_pretrained(folder)
+
+
+@pytest.mark.parametrize("field,value,wanted", [
+    ("hidden_size", "32", "an integer"),            # a string where a number belongs
+    ("n_routed_experts", True, "an integer"),       # true == 1 in Python: caught, not used
+    ("num_experts_per_tok", 2.5, "an integer"),     # a float count
+    ("rms_norm_eps", "1e-6", "a number"),
+    ("tie_word_embeddings", 0, "true or false"),
+])
+def test_config_field_of_the_wrong_type_is_named(folder, field, value, wanted):
+    _edit_config(folder, **{field: value})
+    with pytest.raises(ValueError, match=rf"config\.json: field '{field}' is .* expected {wanted}"):
+        minimoe.load_pretrained(folder)
+    with pytest.raises(ValueError, match=rf"field '{field}'"):
+        minimoe.ModelConfig.from_hf(folder)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_shard_decoding_to_nan_or_inf_is_named(folder, bad):
+    # same file size, a few bytes changed in place: the header still parses, the values do not
+    name = "model.layers.1.mlp.experts.5.down_proj.weight"
+    shard = _index(folder)["weight_map"][name]
+    data = bytearray((folder / shard).read_bytes())
+    header_size = struct.unpack("<Q", data[:8])[0]
+    entry = json.loads(data[8:8 + header_size])[name]
+    assert entry["dtype"] == "F32"
+    element = 3 * entry["shape"][1] + 7  # row 3, column 7
+    at = 8 + header_size + entry["data_offsets"][0] + 4 * element
+    data[at:at + 4] = struct.pack("<f", bad)
+    (folder / shard).write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=rf"{name} \(in {shard}\) holds NaN or inf"):
         minimoe.load_pretrained(folder)

@@ -18,6 +18,16 @@ transformers = pytest.importorskip("transformers")
 from hf_weights import read_all  # noqa: E402
 from test_checkpoint import V2_BASE, V3_BASE, _quantise_blocks, _save_hf  # noqa: E402
 from test_checkpoint_families import BASE, FAMILIES  # noqa: E402
+from test_checkpoint_ling import BASE as LING_BASE, ling_reference_logits  # noqa: E402
+from test_checkpoint_longcat import BASE as LONGCAT_BASE, CASES as LONGCAT_CASES  # noqa: E402
+
+ALL_FAMILIES = ["deepseek_v3", "deepseek_v2", "qwen3_moe", "mixtral", "olmoe", "glm4_moe",
+                "longcat_flash", "bailing_moe_v2"]
+MTP_FAMILIES = ["deepseek_v3", "glm4_moe", "longcat_flash", "bailing_moe_v2"]
+
+
+class LING_CONFIG:  # Ling's config.json as a dict (transformers has no class for it)
+    to_dict = staticmethod(lambda: dict(LING_BASE))
 
 SEQ = 20
 ATOL = PARITY_ATOL  # measured <= 4.1e-6 (see hf_weights)
@@ -29,12 +39,38 @@ def _minimoe_model(family, seed, **changes):
         hf_config = transformers.DeepseekV3Config(**V3_BASE)
     elif family == "deepseek_v2":
         hf_config = transformers.DeepseekV2Config(**V2_BASE)
+    elif family == "bailing_moe_v2":
+        hf_config = LING_CONFIG
+    elif family == "longcat_flash":
+        hf_config = transformers.LongcatFlashConfig(**LONGCAT_BASE,
+                                                    **LONGCAT_CASES["bias-yarn"])
     else:
-        config_class, _, cases = FAMILIES[family]
+        config_class, _, cases = FAMILIES.get(family, ("", "", {"": {}}))
         hf_config = getattr(transformers, config_class)(**{**BASE, **next(iter(cases.values()))})
     cfg = ModelConfig.from_hf(hf_config.to_dict()).replace(**changes)
     torch.manual_seed(seed)
     return randomise(minimoe.Transformer(cfg).eval(), seed)
+
+
+def _add_identity_expert_rows(model, folder):
+    """transformers 5.23's LongcatFlash keeps a fused gate_up_proj with rows for the identity
+    experts too (never used) and refuses a checkpoint without them; the published checkpoints
+    (and minimoe's export, which writes their layout) have none. Zeros stand in, in a shard of
+    their own, for transformers only."""
+    from safetensors.torch import save_file
+
+    cfg = model.cfg
+    extra = {}
+    for i in range(cfg.num_hidden_layers):
+        for e in range(cfg.n_routed_experts, cfg.n_routed_experts + cfg.n_zero_experts):
+            for proj in ("gate_proj", "up_proj"):
+                extra[f"model.layers.{i}.mlp.experts.{e}.{proj}.weight"] = torch.zeros(
+                    cfg.moe_intermediate_size, cfg.hidden_size)
+    save_file(extra, str(folder / "identity-experts.safetensors"))
+    index_path = folder / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    index["weight_map"].update({name: "identity-experts.safetensors" for name in extra})
+    index_path.write_text(json.dumps(index))
 
 
 def _hf_logits(folder, ids):
@@ -43,7 +79,19 @@ def _hf_logits(folder, ids):
         return hf_model.eval()(ids).logits
 
 
-@pytest.mark.parametrize("family", ["deepseek_v3", "deepseek_v2", "qwen3_moe", "mixtral"])
+def _check_reloads_bit_identical(model, folder):
+    loaded = minimoe.load_pretrained(folder)
+    original = model.state_dict()
+    assert loaded.state_dict().keys() == original.keys()
+    for name, tensor in loaded.state_dict().items():
+        if name.endswith("tokens_per_expert"):
+            continue
+        if name.endswith("e_score_correction_bias") and not model.cfg.use_expert_bias:
+            continue  # unused without a selection bias; not in these families' files
+        torch.testing.assert_close(tensor, original[name], rtol=0, atol=0, msg=name)
+
+
+@pytest.mark.parametrize("family", [f for f in ALL_FAMILIES if f != "bailing_moe_v2"])
 def test_transformers_loads_the_export_with_the_same_logits(family, tmp_path):
     model = _minimoe_model(family, seed=3, num_nextn_predict_layers=0)
     save_pretrained(model, tmp_path, family=family, max_shard_size="40KB")
@@ -60,17 +108,40 @@ def test_transformers_loads_the_export_with_the_same_logits(family, tmp_path):
                         generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         expected = model(ids).logits
+    _check_reloads_bit_identical(model, tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["model_type"] == family
+    if family == "longcat_flash":
+        _add_identity_expert_rows(model, tmp_path)
     assert (_hf_logits(tmp_path, ids) - expected).abs().max().item() <= ATOL
 
-    loaded = minimoe.load_pretrained(tmp_path)
-    assert json.loads((tmp_path / "config.json").read_text())["model_type"] == family
-    original = model.state_dict()
-    for name, tensor in loaded.state_dict().items():
-        if name.endswith("tokens_per_expert"):
-            continue
-        if name.endswith("e_score_correction_bias") and not model.cfg.use_expert_bias:
-            continue  # unused without a selection bias; not in these families' files
-        torch.testing.assert_close(tensor, original[name], rtol=0, atol=0, msg=name)
+
+def test_ling_export_matches_the_independent_forward(tmp_path):
+    # transformers has no Ling-2.0 class: the saved tensors go through the tests' own forward
+    model = _minimoe_model("bailing_moe_v2", seed=3)
+    save_pretrained(model, tmp_path, max_shard_size="40KB")  # inferred: only Ling fits
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["model_type"] == "bailing_moe_v2"
+    tensors = read_all(tmp_path)
+    assert "model.layers.1.attention.query_key_value.weight" in tensors  # q, k, v fused
+    ids = torch.randint(0, model.cfg.vocab_size, (2, SEQ),
+                        generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        expected = ling_reference_logits(tensors, config, ids, range(config["num_hidden_layers"]))
+        assert (model(ids).logits - expected).abs().max().item() <= ATOL
+    _check_reloads_bit_identical(model, tmp_path)
+
+
+@pytest.mark.parametrize("family", MTP_FAMILIES)
+def test_mtp_modules_round_trip(family, tmp_path):
+    model = _minimoe_model(family, seed=9, num_nextn_predict_layers=1)
+    assert len(model.mtp) == 1
+    save_pretrained(model, tmp_path, family=family, max_shard_size="40KB")
+    names = set(json.loads((tmp_path / "model.safetensors.index.json").read_text())["weight_map"])
+    n = model.cfg.num_hidden_layers
+    where = {"longcat_flash": "model.mtp.layers.0.eh_proj.weight"}.get(
+        family, f"model.layers.{n}.eh_proj.weight")
+    assert where in names
+    _check_reloads_bit_identical(model, tmp_path)
 
 
 def test_deepseek_rope_rows_are_written_interleaved(tmp_path):

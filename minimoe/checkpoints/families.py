@@ -48,9 +48,12 @@ def config_values(hf: dict, where: str = "config.json") -> dict:
 
 
 def infer_model_type(cfg) -> str:
-    """The first model_type (in ``FAMILIES`` order) whose config.json can express cfg."""
+    """The model_type to save cfg as: the one it was loaded from (``ModelConfig.from_hf`` names
+    a config after its model_type when the config.json has no _name_or_path) if that family can
+    still express it, else the first (in ``FAMILIES`` order) whose config.json can."""
     reasons = []
-    for family in FAMILIES:
+    first = [BY_MODEL_TYPE[cfg.name]] if cfg.name in BY_MODEL_TYPE else []
+    for family in first + list(FAMILIES):
         model_type = family.model_types[0]
         try:
             family.config_to_hf(cfg, model_type)
