@@ -70,7 +70,8 @@ class ModelOutput:
     aux:    {"router": {layer name: router statistics}, "losses": {name: scalar tensor}}.
             losses holds "ce" (main cross-entropy), "mtp" (the weighted MTP term), and the
             summed balance terms "aux", "seq_aux", "z" that are switched on.
-    hidden: (B, T, C) final hidden state before the last norm (MTP and decoding use it).
+    hidden: (B, T, C) final hidden state before the last norm (minimoe.mtp.first_input gives
+            the MTP modules the state cfg.mtp_input names).
     """
 
     logits: torch.Tensor

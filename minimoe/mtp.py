@@ -61,8 +61,12 @@ output after its own final norm:
   final_layernorm (MultiTokenPredictionLayer._postprocess) and feed the next.
 
 minimoe therefore defaults to "post_norm" and the checkpoint families set it; "pre_norm"
-(the residual stream, what minimoe fed before) remains for comparison. Fed the wrong state,
-a released module's logits move by O(1) while the main logits are unaffected.
+(the residual stream, what minimoe fed before) remains for comparison. The state matters:
+on the tests' tiny random checkpoints (logits of size ~4) the loaded modules agree with the
+published code's forward to 2-4e-6 when fed the normed state, and differ by 1.8-3.4 when
+fed the residual stream, while the main logits are unaffected. With every norm gain at one
+(a fresh model) the two inputs coincide -- RMSNorm is scale-invariant -- so the difference
+appears only as the final norm's gains are trained.
 
 Which half comes first in the concatenation? Eq. 21 of the report writes [h ; Emb], but
 the released checkpoints (and DeepSeek's and SGLang's inference code) concatenate the

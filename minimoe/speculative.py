@@ -191,6 +191,104 @@ def verify_sampled(p: torch.Tensor, q: torch.Tensor, drafts: list,
     return m, int(torch.multinomial(p[m], 1, generator=generator))
 
 
+class DraftDepths:
+    """The drafting side of one decoding run: depth j (1-based) drafts with module min(j, D),
+    keeps a KV cache of its own, its output hidden states h^j in the form depth j+1 reads them
+    (after the module's final norm when cfg.mtp_input is "post_norm") and the number of its
+    positions that are final (committed[j]). hidden[0] holds the main model's states h^0."""
+
+    def __init__(self, model, num_drafts: int, prompt_hidden: torch.Tensor) -> None:
+        D = len(model.mtp)
+        self.model = model
+        self.modules = [model.mtp[min(j, D) - 1] for j in range(1, num_drafts + 1)]
+        self.caches = [KVCache(model.cfg.num_hidden_layers + D) for _ in self.modules]
+        self.committed = [0] * (num_drafts + 1)
+        self.hidden = [first_input(model, prompt_hidden)] + [None] * num_drafts  # (1, pos, C)
+
+    def draft_logits(self, j: int, sequence: list, N: int) -> torch.Tensor:
+        """Run depth j over its pending positions i = committed[j]..N-2 (sequence: the N
+        tokens and the drafts so far, so t_{i+j} is known); the (V,) logits of its draft."""
+        start, module = self.committed[j], self.modules[j - 1]
+        device = self.model.embed_tokens.weight.device
+        previous = self.hidden[j - 1][:, start:N - 1]  # (1, P, C) h^{j-1}
+        ids = torch.tensor([sequence[start + j:N - 1 + j]], device=device)  # (1, P) t_{i+j}
+        positions = torch.arange(start, N - 1, device=device)  # (P,)
+        h, _ = module(previous, self.model.embed_tokens(ids), positions, cache=self.caches[j - 1])
+        h_next = next_input(self.model.cfg, module, h)  # (1, P, C) h^j as depth j+1 reads it
+        kept = self.hidden[j]
+        self.hidden[j] = h_next if kept is None else torch.cat([kept[:, :start], h_next], dim=1)
+        return module.logits(h[:, -1], self.model.lm_head)[0]  # (V,)
+
+    def roll_back(self, N: int, accepted: int, m: int, verified_hidden: torch.Tensor) -> None:
+        """After a step that drafted m tokens and accepted `accepted`: depth j keeps positions
+        i <= N-1-j+accepted (t_{i+j} accepted); h^0 gains the verified inputs' states."""
+        for j in range(1, m + 1):
+            self.committed[j] = max(0, min(N - 1, N - j + accepted))
+            self.caches[j - 1].truncate(self.committed[j])
+            self.hidden[j] = self.hidden[j][:, :self.committed[j]]
+        verified = first_input(self.model, verified_hidden[:, :accepted + 1])  # (1, acc+1, C)
+        self.hidden[0] = torch.cat([self.hidden[0][:, :N - 1], verified], dim=1)
+
+
+def check_speculative_request(model, input_ids: torch.Tensor, max_new_tokens: int,
+                              num_drafts: int, temperature: float,
+                              min_draft_confidence: float) -> None:
+    """Raise ValueError naming the argument for a request speculative decoding cannot serve."""
+    if input_ids.dim() != 2 or input_ids.shape[0] != 1 or input_ids.shape[1] == 0:
+        raise ValueError(f"speculative decoding takes one non-empty sequence (1, T), got "
+                         f"{tuple(input_ids.shape)}")
+    if len(model.mtp) == 0:
+        raise ValueError("speculative decoding needs MTP modules (num_nextn_predict_layers > 0)")
+    if num_drafts < 0:
+        raise ValueError(f"num_draft_tokens must be >= 0, got {num_drafts}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if not 0.0 <= min_draft_confidence <= 1.0:
+        raise ValueError(f"min_draft_confidence must be in [0, 1], got {min_draft_confidence}")
+    check_request(model, input_ids, max_new_tokens)
+
+
+@dataclass
+class Sampler:
+    """How tokens are chosen: greedy (temperature 0) or sampled as ``model.generate`` does."""
+
+    temperature: float
+    top_k: Optional[int]
+    top_p: Optional[float]
+    generator: Optional[torch.Generator]
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    def pick(self, logits: torch.Tensor) -> tuple[int, Optional[torch.Tensor]]:
+        """logits (V,) -> (token, its distribution or None when greedy)."""
+        if self.greedy:
+            return int(logits.argmax()), None
+        probs = probabilities(logits, self.temperature, self.top_k, self.top_p)
+        return int(torch.multinomial(probs, 1, generator=self.generator)), probs
+
+    def accept(self, main_logits: torch.Tensor, drafts: list, draft_probs: list) -> tuple[int, int]:
+        """main_logits (m+1, V) after each prefix -> (drafts accepted, the next token)."""
+        m = len(drafts)
+        if self.greedy:
+            targets = main_logits.argmax(dim=-1).tolist()  # (m+1,)
+            accepted = 0
+            while accepted < m and drafts[accepted] == targets[accepted]:
+                accepted += 1
+            return accepted, targets[accepted]
+        p = probabilities(main_logits, self.temperature, self.top_k, self.top_p)  # (m+1, V)
+        q = torch.stack(draft_probs) if m else p[:0]
+        return verify_sampled(p, q, drafts, self.generator)
+
+
+def draft_confidence(logits: torch.Tensor, token: int, probs: Optional[torch.Tensor]) -> float:
+    """The draft module's own probability of the token it drafted (greedy: the softmax's)."""
+    if probs is None:
+        probs = torch.softmax(logits.float(), dim=-1)
+    return float(probs[token])
+
+
 @torch.no_grad()
 def speculative_generate(model, input_ids: torch.Tensor, max_new_tokens: int,
                          num_draft_tokens: Optional[int] = None, temperature: float = 0.0,
@@ -206,59 +304,23 @@ def speculative_generate(model, input_ids: torch.Tensor, max_new_tokens: int,
     once a draft's own probability (under its module's distribution) falls below this
     value (0 = always draft num_draft_tokens). See the module docstring for the algorithm.
     """
-    if input_ids.dim() != 2 or input_ids.shape[0] != 1 or input_ids.shape[1] == 0:
-        raise ValueError(f"speculative decoding takes one non-empty sequence (1, T), got "
-                         f"{tuple(input_ids.shape)}")
-    D = len(model.mtp)
-    if D == 0:
-        raise ValueError("speculative decoding needs MTP modules (num_nextn_predict_layers > 0)")
-    num_drafts = D if num_draft_tokens is None else num_draft_tokens
-    if num_drafts < 0:
-        raise ValueError(f"num_draft_tokens must be >= 0, got {num_drafts}")
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
-    if not 0.0 <= min_draft_confidence <= 1.0:
-        raise ValueError(f"min_draft_confidence must be in [0, 1], got {min_draft_confidence}")
-    check_request(model, input_ids, max_new_tokens)
-    greedy = temperature == 0
+    num_drafts = len(model.mtp) if num_draft_tokens is None else num_draft_tokens
+    check_speculative_request(model, input_ids, max_new_tokens, num_drafts, temperature,
+                              min_draft_confidence)
+    sampler = Sampler(temperature, top_k, top_p, generator)
     was_training = model.training
     model.eval()
-    stats = SpeculativeStats(num_draft_modules=D)
+    stats = SpeculativeStats(num_draft_modules=len(model.mtp))
     stats._grow(num_drafts)
-
-    # depth j (1-based) drafts with module min(j, D); each depth has its own cache and keeps
-    # its output hidden states h^j for the next depth, in the form module j+1 reads them
-    # (after the final norm when cfg.mtp_input is "post_norm"). committed[j] = final positions.
-    modules = [model.mtp[min(j, D) - 1] for j in range(1, num_drafts + 1)]
-    cache_layers = model.cfg.num_hidden_layers + D
-    draft_caches = [KVCache(cache_layers) for _ in modules]
-    committed = [0] * (num_drafts + 1)
     main_cache = KVCache(len(model.layers))
-
-    def pick(logits: torch.Tensor) -> tuple[int, Optional[torch.Tensor]]:
-        """logits (V,) -> (token, its distribution or None when greedy)."""
-        if greedy:
-            return int(logits.argmax()), None
-        probs = probabilities(logits, temperature, top_k, top_p)
-        return int(torch.multinomial(probs, 1, generator=generator)), probs
-
-    def confidence(logits: torch.Tensor, token: int, probs: Optional[torch.Tensor]) -> float:
-        """The draft module's own probability of the token it drafted (1.0 when not asked)."""
-        if min_draft_confidence == 0.0:
-            return 1.0
-        if probs is None:  # greedy: the argmax's softmax probability
-            probs = torch.softmax(logits.float(), dim=-1)
-        return float(probs[token])
 
     # prefill: the prompt through the main model gives h^0 and the first token
     out = model(input_ids, cache=main_cache)
     stats.main_forwards += 1
-    hidden = [first_input(model, out.hidden)] + [None] * num_drafts  # hidden[j]: (1, positions, C)
-    first, _ = pick(out.logits[0, -1])
-    tokens = input_ids[0].tolist() + [first]
+    depths = DraftDepths(model, num_drafts, out.hidden)
+    first, _ = sampler.pick(out.logits[0, -1])
+    tokens = input_ids[0].tolist() + ([first] if max_new_tokens > 0 else [])
     new_tokens = 1 if max_new_tokens > 0 else 0
-    if max_new_tokens == 0:
-        tokens = tokens[:-1]
     finished = eos_token_id is not None and new_tokens == 1 and first == eos_token_id
     device = input_ids.device
 
@@ -269,42 +331,23 @@ def speculative_generate(model, input_ids: torch.Tensor, max_new_tokens: int,
         # 1. draft d_1..d_m, depth by depth
         drafts, draft_probs = [], []
         for j in range(1, m + 1):
-            start = committed[j]  # positions start..N-2 are pending for this depth
-            module = modules[j - 1]
-            previous = hidden[j - 1][:, start:N - 1]  # (1, P, C) h^{j-1}
-            ext = tokens + drafts  # t_{i+j} for i = start..N-2
-            ids = torch.tensor([ext[start + j:N - 1 + j]], device=device)  # (1, P)
-            positions = torch.arange(start, N - 1, device=device)  # (P,)
-            h, _ = module(previous, model.embed_tokens(ids), positions, cache=draft_caches[j - 1])
+            draft_logits = depths.draft_logits(j, tokens + drafts, N)  # (V,)
             stats.draft_forwards += 1
-            h_next = next_input(model.cfg, module, h)  # (1, P, C) h^j as depth j+1 reads it
-            hidden[j] = h_next if hidden[j] is None else torch.cat([hidden[j][:, :start], h_next],
-                                                                   dim=1)
-            draft_logits = module.logits(h[:, -1], model.lm_head)[0]  # (V,)
-            token, probs = pick(draft_logits)
+            token, probs = sampler.pick(draft_logits)
             drafts.append(token)
             draft_probs.append(probs)
-            if j < m and confidence(draft_logits, token, probs) < min_draft_confidence:
+            if (j < m and min_draft_confidence > 0
+                    and draft_confidence(draft_logits, token, probs) < min_draft_confidence):
                 # an unlikely draft: its successors would probably be rejected too, so stop
                 # here and save their module calls and their share of the verify pass
                 stats.stopped_early += 1
                 break
         m = len(drafts)
         # 2. verify: one main pass over [t_{N-1}, d_1..d_m]
-        verify_ids = torch.tensor([tokens[-1:] + drafts], device=device)  # (1, m+1)
-        out = model(verify_ids, cache=main_cache)
+        out = model(torch.tensor([tokens[-1:] + drafts], device=device), cache=main_cache)
         stats.main_forwards += 1
         # 3. accept the longest agreeing prefix plus one token from the main model
-        if greedy:
-            targets = out.logits[0].argmax(dim=-1).tolist()  # (m+1,)
-            accepted = 0
-            while accepted < m and drafts[accepted] == targets[accepted]:
-                accepted += 1
-            bonus = targets[accepted]
-        else:
-            p = probabilities(out.logits[0], temperature, top_k, top_p)  # (m+1, V)
-            q = torch.stack(draft_probs) if m else p[:0]
-            accepted, bonus = verify_sampled(p, q, drafts, generator)
+        accepted, bonus = sampler.accept(out.logits[0], drafts, draft_probs)
         for j in range(m):
             stats.proposed[j] += 1
             stats.reached[j] += int(j <= accepted)
@@ -313,14 +356,9 @@ def speculative_generate(model, input_ids: torch.Tensor, max_new_tokens: int,
             stats.accepted_lengths.append(accepted)
         stats.trace.append({"drafts": drafts, "accepted": accepted, "bonus": bonus})
         # 4. roll back the main cache to the accepted inputs t_{N-1}, d_1..d_accepted, and
-        # each depth j to its final positions i <= N-1-j+accepted (t_{i+j} accepted)
+        # each depth to its final positions
         main_cache.truncate(N + accepted)
-        for j in range(1, m + 1):
-            committed[j] = max(0, min(N - 1, N - j + accepted))
-            draft_caches[j - 1].truncate(committed[j])
-            hidden[j] = hidden[j][:, :committed[j]]
-        verified = first_input(model, out.hidden[:, :accepted + 1])  # (1, accepted+1, C)
-        hidden[0] = torch.cat([hidden[0][:, :N - 1], verified], dim=1)
+        depths.roll_back(N, accepted, m, out.hidden)
         emitted = (drafts[:accepted] + [bonus])[:max_new_tokens - new_tokens]
         if eos_token_id is not None and eos_token_id in emitted:
             emitted = emitted[:emitted.index(eos_token_id) + 1]

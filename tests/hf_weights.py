@@ -61,17 +61,25 @@ def deepseek_mtp_tensors(tensors, config, block_layer, seed):
     """An MTP layer in DeepSeek-V3's published layout, ``model.layers.{num_hidden_layers}.*``.
 
     Its block copies the shapes (not the values) of main layer ``block_layer``, with fresh
-    random values; enorm, hnorm, eh_proj and shared_head.norm are random too, and the
-    layer's copies of the embedding and the head equal the main ones, as published.
+    random values scaled as ``randomise`` scales them (norm gains near one, unit-scale
+    outputs); enorm, hnorm, eh_proj and shared_head.norm are random too, and the layer's
+    copies of the embedding and the head equal the main ones, as published.
     """
     n, C = config["num_hidden_layers"], config["hidden_size"]
     generator = torch.Generator().manual_seed(seed)
+
+    def fresh(name, shape):
+        noise = torch.randn(shape, generator=generator)
+        if name.endswith("norm.weight"):
+            return 1.0 + 0.2 * noise
+        return 0.1 * noise if name.endswith("e_score_correction_bias") else noise / math.sqrt(shape[-1])
+
     source = f"model.layers.{block_layer}."
-    mtp = {f"model.layers.{n}." + name[len(source):]: torch.randn(tensor.shape, generator=generator)
+    mtp = {f"model.layers.{n}." + name[len(source):]: fresh(name, tensor.shape)
            for name, tensor in tensors.items() if name.startswith(source)}
     for own, shape in (("enorm.weight", (C,)), ("hnorm.weight", (C,)),
                        ("eh_proj.weight", (C, 2 * C)), ("shared_head.norm.weight", (C,))):
-        mtp[f"model.layers.{n}.{own}"] = torch.randn(shape, generator=generator)
+        mtp[f"model.layers.{n}.{own}"] = fresh(own, shape)
     mtp[f"model.layers.{n}.embed_tokens.weight"] = tensors["model.embed_tokens.weight"].clone()
     mtp[f"model.layers.{n}.shared_head.head.weight"] = tensors["lm_head.weight"].clone()
     return mtp

@@ -266,6 +266,58 @@ def test_mtp_layer_loads_into_model_mtp(v3_checkpoint, tmp_path):
         minimoe.load_pretrained(tmp_path / "partial")
 
 
+def reference_v3_draft_logits(hf_model, shadow_model, mtp: dict, n: int, ids) -> torch.Tensor:
+    """DeepSeek-V3's MTP module as the serving code runs it (vLLM deepseek_mtp.py
+    DeepSeekMultiTokenPredictorLayer.forward, SGLang deepseek_nextn.py
+    DeepseekModelNextN.forward): h = the main model's output AFTER its final norm;
+    x = eh_proj([enorm(Emb(t_{i+1})) ; hnorm(h_i)]); the block (transformers' own
+    DeepseekV3DecoderLayer, from a checkpoint whose layer 2 holds the MTP block's tensors);
+    shared_head.norm; the head. Returns (B, T-1, V): row i predicts t_{i+2}."""
+    eps, p = hf_model.config.rms_norm_eps, f"model.layers.{n}."
+
+    def rms(x, weight):
+        return weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
+
+    T = ids.shape[1]
+    h = hf_model.model(ids).last_hidden_state[:, :T - 1]  # (B, T-1, C) after model.norm
+    emb = hf_model.model.embed_tokens(ids[:, 1:])  # (B, T-1, C) Emb(t_{i+1})
+    x = torch.cat([rms(emb, mtp[p + "enorm.weight"]), rms(h, mtp[p + "hnorm.weight"])], -1)
+    x = x @ mtp[p + "eh_proj.weight"].T  # (B, T-1, C)
+    positions = torch.arange(T - 1)[None]  # (1, T-1)
+    causal = torch.full((T - 1, T - 1), torch.finfo(x.dtype).min).triu(1)[None, None]
+    x = shadow_model.model.layers[2](x, attention_mask=causal, position_ids=positions,
+                                     position_embeddings=hf_model.model.rotary_emb(x, positions))
+    return rms(x, mtp[p + "shared_head.norm.weight"]) @ mtp[p + "shared_head.head.weight"].T
+
+
+def test_mtp_draft_logits_match_the_serving_codes_forward(v3_checkpoint, tmp_path):
+    folder, hf_model = v3_checkpoint
+    tensors = read_all(folder)
+    config = json.loads((folder / "config.json").read_text())
+    n = config["num_hidden_layers"]
+    mtp = deepseek_mtp_tensors(tensors, config, block_layer=2, seed=10)  # an MoE block
+    _write_single(tmp_path / "with-mtp", {**tensors, **mtp}, config)
+    model = minimoe.load_pretrained(tmp_path / "with-mtp")
+    assert model.cfg.mtp_input == "post_norm"
+    # transformers builds no MTP module: its layer 2, loaded with the MTP block's tensors,
+    # stands in for the block (the same DeepseekV3DecoderLayer the published code uses)
+    shadow = {**tensors, **{"model.layers.2." + name[len(f"model.layers.{n}."):]: tensor
+                            for name, tensor in mtp.items()
+                            if not name.split(".")[3] in ("enorm", "hnorm", "eh_proj",
+                                                          "shared_head", "embed_tokens")}}
+    _write_single(tmp_path / "shadow", shadow, config)
+    shadow_model = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path / "shadow", dtype=torch.float32).eval()
+    ids = torch.randint(0, 96, (2, SEQ), generator=torch.Generator().manual_seed(11))
+    with torch.no_grad():
+        expected = reference_v3_draft_logits(hf_model, shadow_model, mtp, n, ids)
+        (got,) = minimoe.mtp.mtp_logits(model, ids)
+        assert (got - expected).abs().max().item() <= ATOL
+        model.cfg.mtp_input = "pre_norm"  # the residual stream instead: another function
+        (pre_norm,) = minimoe.mtp.mtp_logits(model, ids)
+    assert (pre_norm - expected).abs().max().item() > 0.1
+
+
 def test_layer_subset(v3_checkpoint):
     folder, _ = v3_checkpoint
     with pytest.warns(UserWarning):
