@@ -63,7 +63,8 @@ def _imports(path: pathlib.Path, module: str, known: set[str]) -> set[str]:
                 found.add(name)
             name = name.rpartition(".")[0]
             while "." in name:  # the packages above it, up to (not including) the facade
-                found.add(name)
+                if name != module:  # a package's __init__ importing its own submodule
+                    found.add(name)
                 name = name.rpartition(".")[0]
     return found
 
