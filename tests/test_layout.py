@@ -3,9 +3,9 @@
 * no import circle among minimoe's modules, counting every import -- at the top of a module
   and inside functions alike (a lazy import hides a circle from Python, not from a reader),
   except those under ``if TYPE_CHECKING:``; importing ``minimoe.a.b`` also runs the package
-  ``minimoe.a``'s ``__init__``, so that counts as an edge too (the top-level ``minimoe``
-  facade, which every module's import passes through, only when a module imports it itself:
-  ``import minimoe`` or ``from minimoe import ModelConfig``);
+  ``minimoe.a``'s ``__init__``, so that counts as an edge too, from modules outside that
+  package (the top-level ``minimoe`` facade, which every module's import passes through, only
+  when a module imports it itself: ``import minimoe`` or ``from minimoe import ModelConfig``);
 * kernels/ (imported as ``minimoe.kernels``) depends on torch and triton only: it imports
   nothing from the minimoe reference (its tests and benchmarks bring the reference in);
 * outside the Triton kernels, no function is longer than 80 lines (a reader follows it).
@@ -63,7 +63,8 @@ def _imports(path: pathlib.Path, module: str, known: set[str]) -> set[str]:
                 found.add(name)
             name = name.rpartition(".")[0]
             while "." in name:  # the packages above it, up to (not including) the facade
-                if name != module:  # a package's __init__ importing its own submodule
+                # a module inside that package is imported by it (or its __init__ is running)
+                if name != module and not module.startswith(name + "."):
                     found.add(name)
                 name = name.rpartition(".")[0]
     return found
