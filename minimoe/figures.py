@@ -10,7 +10,8 @@ the same pictures. Two kinds of image are NOT redrawn, and the listing says so:
 
 * measured timings with no committed numbers (mla_decode_time.png: `python -m
   minimoe.bench.mla_decode` measures and draws it on the machine at hand);
-* screenshots of the explorers (routing_explorer*.png: the browser tests take them).
+* screenshots of the explorers (routing_explorer*.png: the browser tests take them when run
+  with MINIMOE_SCREENSHOTS=1; otherwise into a temporary folder).
 """
 
 from __future__ import annotations
@@ -83,8 +84,8 @@ DRAWN = {
 }
 NOT_REDRAWN = {
     "mla_decode_time.png": "a timing measured by `python -m minimoe.bench.mla_decode`",
-    "routing_explorer.png": "a screenshot taken by the browser tests (tests/test_browser.py)",
-    "routing_explorer_jupyterlab.png": "a screenshot taken by the browser tests in JupyterLab",
+    "routing_explorer.png": "a screenshot: MINIMOE_SCREENSHOTS=1 pytest -n 0 tests/test_browser.py",
+    "routing_explorer_jupyterlab.png": "a screenshot in JupyterLab: MINIMOE_SCREENSHOTS=1 pytest -n 0 tests/test_browser.py",
 }
 
 

@@ -4,7 +4,10 @@
    top-k and the bias switch changes the colours and loads exactly as Python computes them.
 2. JupyterLab on 127.0.0.1: open notebook 02, run it, move the top-k slider, see the
    routing output change.
-Screenshots go to figures/ (routing_explorer.png is the README's).
+Screenshots go to a temporary folder; with MINIMOE_SCREENSHOTS=1 in the environment they
+replace the committed ones in figures/ (routing_explorer.png is the README's):
+
+    MINIMOE_SCREENSHOTS=1 .venv/bin/pytest -n 0 tests/test_browser.py
 
 Without chromium (or playwright) the tests skip and say why; with CI=true in the
 environment a missing browser is a failure.
@@ -29,6 +32,13 @@ from minimoe.widgets.routing import RoutingExplorer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIGURES = os.path.join(ROOT, "figures")
+
+
+def screenshot_path(tmp_path, name: str) -> str:
+    """figures/NAME when asked (MINIMOE_SCREENSHOTS=1), else NAME in the test's folder: a test
+    run never rewrites a committed figure."""
+    folder = FIGURES if os.environ.get("MINIMOE_SCREENSHOTS") == "1" else str(tmp_path)
+    return os.path.join(folder, name)
 
 
 def browser_or_skip():
@@ -112,7 +122,7 @@ def test_exported_page_recomputes_routing_like_python(browser, tmp_path):
     for _, expert, colour in spans:
         assert colour_of.setdefault(expert, colour) == colour
     assert len(set(colour_of.values())) == len(colour_of)  # distinct experts, distinct colours
-    page.screenshot(path=os.path.join(FIGURES, "routing_explorer.png"), full_page=True)
+    page.screenshot(path=screenshot_path(tmp_path, "routing_explorer.png"), full_page=True)
 
     page.fill("input[data-control=top_k]", "4")  # the top-k slider
     explorer.top_k = 4
@@ -196,7 +206,7 @@ def accept_dialog(page) -> bool:
     return False
 
 
-def test_jupyterlab_runs_the_routing_notebook_and_follows_a_slider(browser, jupyterlab):
+def test_jupyterlab_runs_the_routing_notebook_and_follows_a_slider(browser, jupyterlab, tmp_path):
     page = browser.new_page(viewport={"width": 1400, "height": 1000})
     messages = []
     page.on("console", lambda message: messages.append(message.text))
@@ -218,7 +228,7 @@ def test_jupyterlab_runs_the_routing_notebook_and_follows_a_slider(browser, jupy
         ready = page.evaluate(shown)
         page.wait_for_timeout(1000)
     if not ready:
-        page.screenshot(path=os.path.join(FIGURES, "routing_explorer_jupyterlab_failed.png"))
+        page.screenshot(path=str(tmp_path / "routing_explorer_jupyterlab_failed.png"))
         raise AssertionError("the explorer did not appear; browser console:\n" + "\n".join(messages[-30:]))
     box = page.locator(".mm-routing").first
     box.scroll_into_view_if_needed()
@@ -232,4 +242,4 @@ def test_jupyterlab_runs_the_routing_notebook_and_follows_a_slider(browser, jupy
     layer = after["layer"]
     assert len(after["layers"][layer]["experts"][0]) == k + 2
     assert after["layers"][layer]["load"] != before["layers"][layer]["load"]
-    box.screenshot(path=os.path.join(FIGURES, "routing_explorer_jupyterlab.png"))
+    box.screenshot(path=screenshot_path(tmp_path, "routing_explorer_jupyterlab.png"))
