@@ -196,6 +196,17 @@ def code_pages(target: Path) -> set[Path]:
     return written
 
 
+def routing_explorer_page(target: Path) -> Path:
+    """The routing explorer as one self-contained page (``RoutingExplorer.to_html``), for the
+    introduction's iframe: it recomputes the routing in the reader's browser, no kernel."""
+    from minimoe.widgets.routing import DEFAULT_TEXT, RoutingExplorer
+    from minimoe.widgets.routing_data import demo_model
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    RoutingExplorer(demo_model(), DEFAULT_TEXT).to_html(target, title="minimoe routing explorer")
+    return target
+
+
 def stage(edition: str, work: Path = BUILD) -> Path:
     """Assemble the source folder Sphinx builds one edition from (in WORK/src/EDITION)."""
     target = work / "src" / edition
@@ -206,6 +217,7 @@ def stage(edition: str, work: Path = BUILD) -> Path:
             copy_if_changed(notebook, target / "notebooks" / notebook.name)
             keep.add(target / "notebooks" / notebook.name)
         keep |= code_pages(target)
+        keep.add(routing_explorer_page(target / "_static" / "routing_explorer.html"))
         generated = {"headline_en.md": headline_table("en"), "kernel_results.md": kernel_results()}
     else:
         keep |= sync_tree(BOOK / "ar", target)

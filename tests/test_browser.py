@@ -69,14 +69,6 @@ def browser():
         instance.close()
 
 
-def biased_toy():
-    torch.manual_seed(0)
-    model = minimoe.Transformer(minimoe.ModelConfig.preset("toy"))
-    for router in routing_data.moe_routers(model).values():  # a spread of biases, as training leaves
-        router.e_score_correction_bias.copy_(torch.linspace(-0.03, 0.03, 16)[torch.randperm(16)])
-    return model
-
-
 def page_state(page):
     """The page's result (its own JSON) and every token's colour, as the reader sees them."""
     result = json.loads(page.text_content(".mm-result"))
@@ -103,7 +95,7 @@ def assert_same_as_python(result, explorer):
 
 
 def test_exported_page_recomputes_routing_like_python(browser, tmp_path):
-    explorer = RoutingExplorer(biased_toy(), "The cat sat on the mat. def add(a, b): return a + b  12 + 7 = 19")
+    explorer = RoutingExplorer(routing_data.demo_model(), "The cat sat on the mat. def add(a, b): return a + b  12 + 7 = 19")
     path = explorer.to_html(tmp_path / "routing.html")
     page = browser.new_page(viewport={"width": 1100, "height": 760})
     errors = []

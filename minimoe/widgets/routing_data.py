@@ -57,6 +57,23 @@ def moe_routers(model) -> dict:
 
 
 @torch.no_grad()
+def demo_model(seed: int = 0):
+    """A random ``toy`` whose experts' selection biases are spread over [-0.03, 0.03], as
+    training leaves them: what the book's page and the README's screenshot show when no
+    trained run is at hand (the bias switch then visibly changes the routing)."""
+    from minimoe.config import ModelConfig
+    from minimoe.model import Transformer
+
+    torch.manual_seed(seed)
+    model = Transformer(ModelConfig.preset("toy"))
+    for router in moe_routers(model).values():
+        experts = router.e_score_correction_bias.numel()
+        router.e_score_correction_bias.copy_(
+            torch.linspace(-0.03, 0.03, experts)[torch.randperm(experts)])
+    return model.eval()
+
+
+@torch.no_grad()
 def capture_router_logits(model, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
     """Run the model once on input_ids (B, T) and return {layer: router logits (B*T, E)}.
 
