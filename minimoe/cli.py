@@ -115,8 +115,8 @@ def train_args_from_options(options: argparse.Namespace):
         if run_folder.recover(out_dir) is not None and run_folder.is_complete(out_dir):
             saved = run_folder.read_state(out_dir).get("args", {})
             values.update({k: v for k, v in saved.items() if k in values})
-            if "fp8" in overrides and "config_overrides" not in given:
-                given["config_overrides"] = {**saved.get("config_overrides", {}), "fp8": True}
+            if "config_overrides" in given:  # --set / --fp8 change the saved model's fields
+                given["config_overrides"] = {**saved.get("config_overrides", {}), **overrides}
         given["out_dir"] = out_dir
     values.update(given)
     values.update(resume=options.resume, overwrite=options.overwrite,
@@ -199,7 +199,11 @@ def add_finetune_arguments(parser: argparse.ArgumentParser) -> None:
                         "OUT/merged, a checkpoint folder like `minimoe train` writes")
     parser.add_argument("--set", dest="overrides", action="append", type=parse_override,
                         default=[], metavar="FIELD=VALUE", help="change a preset's field")
-    parser.add_argument("--out", dest="out_dir", default=defaults.out_dir)
+    parser.add_argument("--out", dest="out_dir", default=None, help="the adapters' folder "
+                        "(default: runs/MODEL-lora-DATA)")
+    parser.add_argument("--overwrite", action="store_true", help="replace adapters already "
+                        "in --out (never done without this flag)")
+    parser.add_argument("--no-progress", action="store_true")
     for flag, name in (("--steps", "steps"), ("--batch-size", "batch_size"),
                        ("--seq-len", "seq_len"), ("--grad-accum", "grad_accum"),
                        ("--warmup-steps", "warmup_steps"), ("--eval-every", "eval_every"),
@@ -224,6 +228,7 @@ def command_finetune(options: argparse.Namespace) -> int:
         grad_accum=options.grad_accum, warmup_steps=options.warmup_steps,
         eval_every=options.eval_every, seed=options.seed, lr=options.lr, min_lr=options.min_lr,
         device=options.device, dtype=options.dtype, grad_checkpointing=options.grad_checkpointing,
+        overwrite=options.overwrite, progress=not options.no_progress,
     )
     model, history = finetune(args)
     first, final = history[0], history[-1]
@@ -234,8 +239,11 @@ def command_finetune(options: argparse.Namespace) -> int:
           f"{first['ce']:.3f} -> {final['ce']:.3f}"
           + (f", val {final['val_loss']:.3f}" if "val_loss" in final else ""))
     print(f"adapters: {args.out_dir}")
+    talk_to = args.out_dir
     if args.merge:
-        print(f"merged model: {os.path.join(args.out_dir, 'merged')}")
+        talk_to = os.path.join(args.out_dir, "merged")
+        print(f"merged model: {talk_to}")
+    print(f"talk to it: minimoe chat {talk_to}")
     return 0
 
 

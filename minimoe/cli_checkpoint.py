@@ -105,15 +105,47 @@ def add_checkpoint_commands(commands) -> None:
 def _load(options):
     """(model, tokenizer) from the options; the tokenizer is read first (a quick failure)."""
     from minimoe.checkpoint import load_pretrained, resolve_checkpoint_folder
+    from minimoe.run_folder import folder_kind
     from minimoe.tokenizer import load_tokenizer
 
     folder = resolve_checkpoint_folder(options.checkpoint, options.layers)
+    kind = folder_kind(folder)
+    if kind != "published":  # what minimoe train / finetune wrote
+        return _load_minimoe_folder(folder, kind, options)
     tokenizer = load_tokenizer(folder)
     offload = options.offload_experts is not None
     model = load_pretrained(folder, dtype=DTYPES[options.dtype], device=options.device,
                             layers=options.layers, offload_experts=offload,
                             expert_cache_size=options.offload_experts if offload else 64)
     return model, tokenizer
+
+
+def _load_minimoe_folder(folder: str, kind: str, options):
+    """A `minimoe train` run folder (or a merged LoRA), or `minimoe finetune`'s adapters
+    (base model + adapters; the tokenizer from the adapters' folder, else the base's)."""
+    import json
+    import os
+
+    from minimoe.run_folder import load_model
+    from minimoe.tokenizer import load_tokenizer
+
+    if options.layers is not None or options.offload_experts is not None:
+        raise ValueError(f"--layers and --offload-experts read published checkpoints; {folder} "
+                         "is a minimoe run folder (load it whole)")
+    if kind == "adapters":
+        from minimoe.lora import load_finetuned
+
+        with open(os.path.join(folder, "adapter_config.json")) as handle:
+            base = json.load(handle).get("base_model") or folder
+        has_own = any(os.path.exists(os.path.join(folder, name))
+                      for name in ("tokenizer.json", "byte_tokenizer.json"))
+        tokenizer = load_tokenizer(folder if has_own or not os.path.isdir(base) else base)
+        model = load_finetuned(folder)
+    else:
+        tokenizer = load_tokenizer(folder)
+        model = load_model(folder)
+    dtype = DTYPES[options.dtype]
+    return model.to(device=options.device, dtype=dtype).eval(), tokenizer
 
 
 def _check_ids(ids: list[int], model) -> torch.Tensor:
@@ -207,7 +239,8 @@ def command_chat(options: argparse.Namespace, stdin=None) -> int:
                   f"({model.cfg.max_position_embeddings}); /reset to start over", file=sys.stderr)
             continue
         start = time.perf_counter()
-        new, _ = _sample(model, input_ids, options, tokenizer.eos_token_id)
+        stop_id = getattr(tokenizer, "chat_stop_token_id", tokenizer.eos_token_id)
+        new, _ = _sample(model, input_ids, options, stop_id)
         reply = tokenizer.decode(new, skip_special_tokens=True)
         messages.append({"role": "assistant", "content": reply})
         print(("assistant> " if interactive else "") + reply, flush=True)

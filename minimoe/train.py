@@ -166,7 +166,7 @@ def _check_data(args: TrainArgs) -> None:
     data_lib.check_corpus_size(tokens, args.seq_len, VAL_FRACTION, source)
 
 
-def _check_resume(args: TrainArgs, cfg: ModelConfig) -> None:
+def _check_resume(args: TrainArgs) -> None:
     """--resume of a missing folder, or with settings that contradict the saved run: errors."""
     if run_folder.recover(args.out_dir) is None or not run_folder.is_complete(args.out_dir):
         raise FileNotFoundError(f"--resume: no run to resume in {args.out_dir!r} (check --out; "
@@ -176,12 +176,17 @@ def _check_resume(args: TrainArgs, cfg: ModelConfig) -> None:
     for name, flag in RUN_DEFINING.items():
         if name in saved and name != "config_overrides" and saved[name] != getattr(args, name):
             differ.append(f"{flag} {saved[name]!r} (saved) vs {getattr(args, name)!r}")
-    saved_cfg = run_folder.read_config(args.out_dir)
-    changed = {k: (v, getattr(cfg, k)) for k, v in saved_cfg.items()
-               if k != "name" and getattr(cfg, k, v) != v}
-    if changed:
-        differ.append("--preset/--set/--fp8 change the model: " + ", ".join(
-            f"{k} {old!r} (saved) vs {new!r}" for k, (old, new) in sorted(changed.items())))
+    if not differ:
+        try:
+            cfg = check_config(args.preset, args.config_overrides)
+        except ValueError as error:
+            raise ValueError(f"--resume with these settings: {error}") from error
+        saved_cfg = run_folder.read_config(args.out_dir)
+        changed = {k: (v, getattr(cfg, k)) for k, v in saved_cfg.items()
+                   if k != "name" and getattr(cfg, k, v) != v}
+        if changed:
+            differ.append("--preset/--set/--fp8 change the model: " + ", ".join(
+                f"{k} {old!r} (saved) vs {new!r}" for k, (old, new) in sorted(changed.items())))
     if differ:
         raise ValueError(f"--resume: these settings contradict the run saved in "
                          f"{args.out_dir!r}: " + "; ".join(differ) + ". Leave them out to "
@@ -195,19 +200,19 @@ def validate_args(args: TrainArgs) -> ModelConfig:
     """Check every argument (numbers, preset and --set, data size, the run folder) before any
     work starts; returns the ModelConfig of a new run. Errors name the flag."""
     _check_numbers(args)
-    cfg = check_config(args.preset, args.config_overrides)
-    if args.seq_len > cfg.max_position_embeddings:
-        raise ValueError(f"--seq-len {args.seq_len} exceeds the model's max_position_embeddings "
-                         f"({cfg.max_position_embeddings})")
-    _check_data(args)
     if args.out_dir is None:
         args.out_dir = default_out_dir(args.preset, args.data)
     if args.resume and args.overwrite:
         raise ValueError("--resume continues the run in --out and --overwrite replaces it: "
                          "choose one")
     if args.resume:
-        _check_resume(args, cfg)
-    elif args.save and run_folder.holds_run(args.out_dir) and not args.overwrite:
+        _check_resume(args)
+    cfg = check_config(args.preset, args.config_overrides)
+    if args.seq_len > cfg.max_position_embeddings:
+        raise ValueError(f"--seq-len {args.seq_len} exceeds the model's max_position_embeddings "
+                         f"({cfg.max_position_embeddings})")
+    _check_data(args)
+    if not args.resume and args.save and run_folder.holds_run(args.out_dir) and not args.overwrite:
         raise FileExistsError(f"--out {args.out_dir!r} already holds a training run: "
                               "--resume continues it, --overwrite replaces it (at the first "
                               "save), or choose another --out")
