@@ -178,6 +178,8 @@ def command_sizing(options: argparse.Namespace) -> int:
     from minimoe import sizing
 
     print(sizing.summary_table(options.presets or list(sizing.PUBLISHED)))
+    print()
+    print(sizing.SIZING_LEGEND)
     return 0
 
 
