@@ -249,7 +249,8 @@ def command_finetune(options: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The `minimoe` parser with every sub-command (also what the README's test parses with)."""
     parser = argparse.ArgumentParser(prog="minimoe", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
     train_parser = commands.add_parser("train", help="train a preset and show its routing")
@@ -263,7 +264,12 @@ def main(argv: list[str] | None = None) -> int:
     sizing_parser.set_defaults(handler=command_sizing)
     from minimoe.cli_checkpoint import add_checkpoint_commands
 
-    add_checkpoint_commands(commands)  # generate, chat, convert (published checkpoints)
+    add_checkpoint_commands(commands)  # generate, chat, convert
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     options = parser.parse_args(argv)
     try:
         return options.handler(options)
