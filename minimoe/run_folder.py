@@ -108,6 +108,14 @@ def holds_run(folder: str) -> bool:
                for name in (WEIGHTS, STATE_JSON))
 
 
+def is_foreign(folder: str) -> bool:
+    """True for an existing, non-empty folder that is no run folder (e.g. ``--out ~/notes``):
+    a save would move it aside and delete it, so nothing saves there."""
+    if not os.path.isdir(folder) or not os.listdir(folder):
+        return False
+    return not any(os.path.exists(os.path.join(folder, name)) for name in CHECKPOINT_FILES)
+
+
 def _twins(folder: str) -> tuple[str, str, str]:
     folder = folder.rstrip("/\\")
     return folder, folder + ".tmp", folder + ".old"
@@ -191,6 +199,9 @@ def save(folder: str, model: torch.nn.Module, state: dict, optimizer=None,
     from safetensors.torch import save_model
 
     folder, tmp, old = _twins(folder)
+    if is_foreign(folder):
+        raise FileExistsError(f"{folder} holds files but no minimoe checkpoint: not saving "
+                              "there (it would replace them); choose another folder")
     recover(folder)  # a previous kill's leftovers: keep the complete checkpoint, drop the rest
     os.makedirs(tmp)
     save_model(model, os.path.join(tmp, WEIGHTS))
@@ -228,9 +239,12 @@ def _carry_over(folder: str, tmp: str, written: set) -> None:
         return
     for name in os.listdir(folder):
         source = os.path.join(folder, name)
-        if name in CHECKPOINT_FILES or name in written or not os.path.isfile(source):
+        if name in CHECKPOINT_FILES or name in written:
             continue
-        shutil.copy2(source, os.path.join(tmp, name))
+        if os.path.isdir(source):  # e.g. a fine-tune's merged/ written inside the run folder
+            shutil.copytree(source, os.path.join(tmp, name))
+        else:
+            shutil.copy2(source, os.path.join(tmp, name))
 
 
 def read_config(folder: str) -> dict:

@@ -41,7 +41,9 @@ steps asked for; a slow or busy one trains fewer, with a finished schedule -- a 
 half-way down its cosine is worse than a shorter complete one. We chose a planned step count
 over a schedule defined in wall-clock time because it keeps the run reproducible: the plan
 is saved, and a resumed run follows the same schedule step for step. If the machine slows
-down after the plan, the budget still stops the run, and the last line says so.
+down after the plan, the budget still stops the run, and the last line says so. Resuming a
+run whose planned schedule is complete, towards more steps, re-plans over the new total: the
+learning rate rises again to the longer cosine's value at that step.
 """
 
 from __future__ import annotations
@@ -212,6 +214,10 @@ def validate_args(args: TrainArgs) -> ModelConfig:
         raise ValueError(f"--seq-len {args.seq_len} exceeds the model's max_position_embeddings "
                          f"({cfg.max_position_embeddings})")
     _check_data(args)
+    if args.save and run_folder.is_foreign(args.out_dir):
+        raise FileExistsError(f"--out {args.out_dir!r} is a folder with other files, not a "
+                              "minimoe run folder: a save would replace them; choose another "
+                              "--out")
     if not args.resume and args.save and run_folder.holds_run(args.out_dir) and not args.overwrite:
         raise FileExistsError(f"--out {args.out_dir!r} already holds a training run: "
                               "--resume continues it, --overwrite replaces it (at the first "

@@ -108,14 +108,15 @@ def test_sigkill_at_any_point_loses_at_most_the_save_interval(tmp_path, referenc
     assert [h["ce"] for h in state["history"]] == reference
 
 
-def test_sigterm_saves_and_exits_cleanly(tmp_path, reference):
+@pytest.mark.parametrize("signal_number", [signal.SIGTERM, signal.SIGINT])
+def test_sigterm_and_ctrl_c_save_and_exit_cleanly(tmp_path, reference, signal_number):
     out = tmp_path / "run"
     process = start(tmp_path, out, resume=False, slow_save=0)
     wait_until(lambda: last_logged_step(tmp_path) >= 5, process)
-    process.send_signal(signal.SIGTERM)
+    process.send_signal(signal_number)
     assert process.wait(timeout=60) == 0
     reached = last_logged_step(tmp_path)
-    message = f"SIGTERM: stopped at step {reached} of {STEPS}; saved in {out}; resume with"
+    message = f"{signal.Signals(signal_number).name}: stopped at step {reached} of {STEPS}; saved in {out}; resume with"
     assert message in process.stdout.read().decode()
     state = run_folder.read_state(str(out))
     assert state["step"] == reached  # nothing lost: the step in progress finished and was saved

@@ -87,6 +87,16 @@ def test_a_new_run_never_overwrites_an_existing_one(saved_run, tmp_path, capsys)
     assert run_folder.read_state(str(run))["step"] == 2
 
 
+def test_a_folder_of_other_files_is_never_a_run_folder(tmp_path, capsys):
+    notes = tmp_path / "notes"
+    (notes / "sub").mkdir(parents=True)
+    (notes / "todo.txt").write_text("keep me")
+    for extra in ([], ["--overwrite"]):
+        assert cli.main(["train", "--out", str(notes), "--steps", "2"] + extra + tiny_cli()) == 2
+        assert "not a minimoe run folder" in capsys.readouterr().err
+    assert (notes / "todo.txt").read_text() == "keep me" and (notes / "sub").is_dir()
+
+
 def test_resume_checks_the_saved_settings(saved_run, tmp_path, capsys):
     run = copy_run(saved_run, tmp_path)
     before = folder_digest(run)
