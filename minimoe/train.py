@@ -443,6 +443,20 @@ def _plan(step: int, schedule_steps: int, seconds_per_step: float, elapsed: floa
     return max(step + 1, min(schedule_steps, fit))
 
 
+def _announce_plan(step: int, schedule_steps: int, probe_seconds: float, elapsed: float,
+                   args: TrainArgs, progress) -> int:
+    """_plan from the measured speed; says so when it shortens the schedule."""
+    seconds_per_step = probe_seconds / PLAN_AFTER_STEPS
+    planned = _plan(step, schedule_steps, seconds_per_step, elapsed, args)
+    if planned < schedule_steps:
+        say(f"planned {planned} of the {schedule_steps} steps asked for, to fit --max-minutes "
+            f"{args.max_minutes:g} on this machine ({seconds_per_step:.2f} s/step); the "
+            f"learning-rate schedule ends at step {planned}")
+        if progress is not None:
+            progress.total = planned
+    return planned
+
+
 def _record(step, lr, totals, grad_norm, out, model, elapsed, args) -> dict:
     return {"step": step + 1, "lr": lr, "grad_norm": grad_norm,
             "mtp_loss_weight": model.mtp_loss_weight,
@@ -511,17 +525,9 @@ def run_training(args: TrainArgs, on_step: Optional[Callable[[dict], None]] = No
             if plan_pending and step - start_step == 2:
                 probe_started = now  # the first steps carry one-time costs: measure after them
             if plan_pending and step - start_step == 2 + PLAN_AFTER_STEPS:
-                planned = _plan(step, schedule_steps, (now - probe_started) / PLAN_AFTER_STEPS,
-                                now - started, args)
                 plan_pending = False
-                if planned < schedule_steps:
-                    say(f"planned {planned} of the {schedule_steps} steps asked for, to fit "
-                        f"--max-minutes {args.max_minutes:g} on this machine "
-                        f"({(now - probe_started) / PLAN_AFTER_STEPS:.2f} s/step); the "
-                        f"learning-rate schedule ends at step {planned}")
-                    schedule_steps = planned
-                    if progress is not None:
-                        progress.total = planned
+                schedule_steps = _announce_plan(step, schedule_steps, now - probe_started,
+                                                now - started, args, progress)
             if requests.signal_name is not None:
                 stopped = requests.signal_name
                 break
@@ -556,6 +562,6 @@ def _report_stop(stopped: str, step: int, schedule_steps: int, minutes: float,
     elif stopped != "finished":
         say(f"{stopped}: stopped at step {step} of {schedule_steps}; {saved}resume with: {resume}")
     elif schedule_steps < args.steps:
+        go_on = f"; to train on towards {args.steps}: {resume} --max-minutes 0" if args.save else ""
         say(f"trained the planned {schedule_steps} of the {args.steps} steps asked for in "
-            f"{minutes:.1f} minutes (--max-minutes {args.max_minutes:g}); to train on towards "
-            f"{args.steps}: {resume} --max-minutes 0")
+            f"{minutes:.1f} minutes (--max-minutes {args.max_minutes:g}){go_on}")

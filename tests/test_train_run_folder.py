@@ -208,3 +208,18 @@ def test_a_time_limit_stop_says_so_and_resumes(tmp_path, capsys):
     resumed = run_training(tiny_args(tmp_path, steps=200, eval_every=0, resume=True,
                                      max_minutes=1e-9))
     assert [h["step"] for h in resumed.history] == [1, 2]
+
+
+def test_a_time_budget_plans_the_schedule(tmp_path, capsys):
+    """A run asked for far more steps than fit: after measuring its speed it plans where the
+    cosine ends, and every later step's learning rate follows that plan."""
+    args = tiny_args(tmp_path, steps=100_000, eval_every=0, max_minutes=0.1, save=False)
+    result = run_training(args)
+    planned = result.schedule_steps
+    assert 22 < planned < 100_000
+    assert f"planned {planned} of the 100000 steps asked for" in capsys.readouterr().out
+    for record in result.history[22:]:
+        assert record["lr"] == learning_rate(record["step"] - 1, args, planned)
+    if result.stopped == "finished":  # the usual case: the schedule ran to its end
+        assert len(result.history) == planned
+        assert result.history[-1]["lr"] == pytest.approx(args.min_lr, rel=0.01)
