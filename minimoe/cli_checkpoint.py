@@ -105,9 +105,10 @@ def add_checkpoint_commands(commands) -> None:
 def _load(options):
     """(model, tokenizer) from the options; the tokenizer is read first (a quick failure)."""
     from minimoe.checkpoint import load_pretrained, resolve_checkpoint_folder
-    from minimoe.run_folder import folder_kind
+    from minimoe.run_folder import folder_kind, recover_if_interrupted
     from minimoe.tokenizer import load_tokenizer
 
+    recover_if_interrupted(options.checkpoint)  # a run folder a kill left inside a save
     folder = resolve_checkpoint_folder(options.checkpoint, options.layers)
     kind = folder_kind(folder)
     if kind != "published":  # what minimoe train / finetune wrote

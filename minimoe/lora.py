@@ -612,6 +612,9 @@ def load_base_model(source: str, config_overrides: Optional[dict] = None, seed: 
     from minimoe.model import Transformer
     from minimoe.train import load_checkpoint
 
+    from minimoe.run_folder import recover_if_interrupted
+
+    recover_if_interrupted(source)  # a run folder a kill left inside a save
     if config_overrides and source not in PRESETS:
         raise ValueError(f"config overrides {sorted(config_overrides)} change a preset's fields; "
                          f"{source!r} is a checkpoint, whose config.json fixes its fields")

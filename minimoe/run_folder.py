@@ -137,6 +137,13 @@ def recover(folder: str) -> Optional[str]:
     return folder if os.path.isdir(folder) else None
 
 
+def recover_if_interrupted(path: str) -> None:
+    """``recover`` when ``path`` looks like a run folder a kill left inside a save (no folder,
+    but its .tmp or .old twin): so that loading it does not mistake it for a hub id."""
+    if not os.path.isdir(path) and any(os.path.isdir(t) for t in _twins(path)[1:]):
+        recover(path)
+
+
 def read_state(folder: str) -> dict:
     """train_state.json of a run folder (after ``recover``)."""
     with open(os.path.join(folder, STATE_JSON)) as handle:
@@ -258,7 +265,7 @@ def folder_kind(folder: str) -> str:
     finetune's LoRA folder) or "published" (config.json with model_type, or anything else)."""
     if os.path.exists(os.path.join(folder, "adapter_config.json")):
         return "adapters"
-    recover(folder) if os.path.isdir(folder + ".tmp") or os.path.isdir(folder + ".old") else None
+    recover_if_interrupted(folder)
     try:
         return "published" if "model_type" in read_config(folder) else "run"
     except (OSError, ValueError, TypeError):

@@ -223,3 +223,11 @@ def test_a_time_budget_plans_the_schedule(tmp_path, capsys):
     if result.stopped == "finished":  # the usual case: the schedule ran to its end
         assert len(result.history) == planned
         assert result.history[-1]["lr"] == pytest.approx(args.min_lr, rel=0.01)
+
+
+def test_generate_finds_a_run_folder_a_kill_left_inside_a_save(saved_run, tmp_path, capsys):
+    shutil.copytree(saved_run, tmp_path / "run.old")  # killed between the two renames
+    assert cli.main(["generate", str(tmp_path / "run"), "--prompt", "ab",
+                     "--max-new-tokens", "4"]) == 0
+    assert capsys.readouterr().out.startswith("ab")
+    assert (tmp_path / "run" / "model.safetensors").exists() and not (tmp_path / "run.old").exists()
