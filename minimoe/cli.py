@@ -40,8 +40,8 @@ TRAIN_FLAGS = {
     "--preset": ("preset", str, "ModelConfig preset (toy, toy-classic, toy-gqa, toy-dense, ...)"),
     "--data": ("data", str, "train on this UTF-8 text file instead of the synthetic "
                "multi-domain corpus"),
-    "--out": ("out_dir", str, "the run folder (default: runs/PRESET, or runs/PRESET-DATA "
-              "with --data)"),
+    "--out": ("out_dir", str, "the run folder (default: runs/PRESET, plus -DATA for --data "
+              "and -FIELD=VALUE for each --set, e.g. runs/toy-classic, runs/toy-my)"),
     "--steps": ("steps", int, "optimiser steps to train for"),
     "--batch-size": ("batch_size", int, "sequences per micro-batch"),
     "--seq-len": ("seq_len", int, "tokens (bytes) per sequence"),
@@ -110,8 +110,8 @@ def train_args_from_options(options: argparse.Namespace):
         given["config_overrides"] = overrides
     values = dict(vars(TrainArgs()))
     if options.resume:
-        out_dir = given.get("out_dir") or default_out_dir(given.get("preset", "toy"),
-                                                          given.get("data"))
+        out_dir = given.get("out_dir") or default_out_dir(
+            given.get("preset", "toy"), given.get("data"), given.get("config_overrides"))
         if run_folder.recover(out_dir) is not None and run_folder.is_complete(out_dir):
             saved = run_folder.read_state(out_dir).get("args", {})
             values.update({k: v for k, v in saved.items() if k in values})

@@ -49,6 +49,7 @@ learning rate rises again to the longer cosine's value at that step.
 from __future__ import annotations
 
 import difflib
+import json
 import math
 import os
 import signal
@@ -111,11 +112,17 @@ RUN_DEFINING = {"preset": "--preset", "config_overrides": "--set", "data": "--da
                 "seq_len": "--seq-len", "grad_accum": "--grad-accum"}
 
 
-def default_out_dir(preset: str, data: Optional[str] = None) -> str:
-    """runs/<preset>, or runs/<preset>-<file stem> for --data: each run has its own folder."""
-    if data is None:
-        return os.path.join("runs", preset)
-    return os.path.join("runs", f"{preset}-{os.path.splitext(os.path.basename(data))[0]}")
+def default_out_dir(preset: str, data: Optional[str] = None,
+                    overrides: Optional[dict] = None) -> str:
+    """runs/<preset>[-<data file stem>][-<field>=<value>...]: a run with another preset, data
+    or --set gets its own folder (``runs/toy-classic``, ``runs/toy-my``,
+    ``runs/toy-aux_loss_alpha=0.01``), so it never meets the main job's ``runs/toy``."""
+    parts = [preset]
+    if data is not None:
+        parts.append(os.path.splitext(os.path.basename(data))[0])
+    parts += [f"{key}={json.dumps(value) if not isinstance(value, str) else value}"
+              for key, value in sorted((overrides or {}).items())]
+    return os.path.join("runs", "-".join(parts))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -203,7 +210,7 @@ def validate_args(args: TrainArgs) -> ModelConfig:
     work starts; returns the ModelConfig of a new run. Errors name the flag."""
     _check_numbers(args)
     if args.out_dir is None:
-        args.out_dir = default_out_dir(args.preset, args.data)
+        args.out_dir = default_out_dir(args.preset, args.data, args.config_overrides)
     if args.resume and args.overwrite:
         raise ValueError("--resume continues the run in --out and --overwrite replaces it: "
                          "choose one")

@@ -126,6 +126,8 @@ def test_default_out_names_the_preset_and_the_data():
     assert default_out_dir("toy") == os.path.join("runs", "toy")
     assert default_out_dir("toy-classic") == os.path.join("runs", "toy-classic")
     assert default_out_dir("toy", "texts/my.txt") == os.path.join("runs", "toy-my")
+    assert default_out_dir("toy", None, {"aux_loss_alpha": 0.01, "fp8": True}) == os.path.join(
+        "runs", "toy-aux_loss_alpha=0.01-fp8=true")
 
 
 # ------------------------------------------------------------------------------------------
