@@ -1,4 +1,4 @@
-"""The command-line commands for published checkpoints: generate, chat, convert.
+"""The command-line commands for checkpoints: generate, chat, convert.
 
     minimoe generate CKPT --prompt "..." [--max-new-tokens N] [--temperature T] [--top-k K]
                      [--top-p P] [--layers 0-3] [--dtype bfloat16] [--speculative [N]]
@@ -7,8 +7,10 @@
     minimoe convert fp8-to-bf16 SRC DST
 
 CKPT is a local checkpoint folder or a hub repo id (``minimoe.hub``; with ``--layers`` only
-the shards holding those layers are downloaded). The text goes through the checkpoint's own
-tokenizer (``minimoe.tokenizer``). ``generate`` prints the prompt and its continuation on
+the shards holding those layers are downloaded), or a folder minimoe wrote itself: a
+``minimoe train`` run folder, a merged LoRA model, or ``minimoe finetune``'s adapters (loaded
+onto the base model they name). The text goes through the checkpoint's own tokenizer
+(``minimoe.tokenizer``; a minimoe run folder names its byte tokenizer in byte_tokenizer.json). ``generate`` prints the prompt and its continuation on
 stdout and the speed (and, with --speculative, the draft acceptance; with --offload-experts,
 the expert cache's hits and misses) on stderr. ``chat`` reads one user message per line of
 stdin, keeps the conversation, renders it with the chat template and prints each answer on

@@ -18,7 +18,7 @@ mutual information between a token's domain and its experts (``minimoe.viz``).
 
 One command regenerates the committed results (about 15 minutes on 2 CPU cores):
 
-    python -m minimoe.experiments.balance
+    python -m minimoe.experiments.balance --publish
 
 It writes runs/experiments/balance/ (results JSON and figures); ``--publish`` writes the
 committed notebooks/results/balance.json and figures/balance_*.png.

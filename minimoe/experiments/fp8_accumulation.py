@@ -45,7 +45,7 @@ What it shows (the committed run: 3 seeds, one thread, ~11 s)
 
 One command regenerates the committed results (well under a minute on one thread):
 
-    python -m minimoe.experiments.fp8_accumulation
+    python -m minimoe.experiments.fp8_accumulation --publish
 
 It writes runs/experiments/fp8_accumulation/ (``--publish``: the committed
 notebooks/results/fp8_accumulation.json, figures/fp8_accumulation.png and

@@ -48,7 +48,7 @@ What it shows (the committed run: 3 seeds x 200 steps of 8 x 128 tokens, one thr
 
 One command regenerates it (about 9 minutes on one thread of the development CPU):
 
-    python -m minimoe.experiments.fp8_training
+    python -m minimoe.experiments.fp8_training --publish
 
 It writes runs/experiments/fp8_training/ (``--publish``: the committed
 notebooks/results/fp8_training.json and figures/fp8_training.png).

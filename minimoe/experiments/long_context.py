@@ -49,7 +49,7 @@ Setup
 One command regenerates the committed results (8.4 minutes on ONE CPU thread of a shared
 2-core machine):
 
-    python -m minimoe.experiments.long_context
+    python -m minimoe.experiments.long_context --publish
 
 It writes runs/experiments/long_context/ (``--publish``: the committed
 notebooks/results/long_context.json and figures/long_context.png). It sets

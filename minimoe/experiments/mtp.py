@@ -21,7 +21,7 @@
 
 One command regenerates the committed results (about 11 minutes on one thread):
 
-    python -m minimoe.experiments.mtp
+    python -m minimoe.experiments.mtp --publish
 
 It writes runs/experiments/mtp/ (``--publish``: the committed notebooks/results/mtp.json and
 figures/mtp_*.png) and its own checkpoints under runs/mtp/, replaced on every run
