@@ -76,7 +76,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     for flag, text in (("--grad-checkpointing", "recompute activations in backward"),
                        ("--fp8", "FP8 GEMMs for the experts and attention projections "
                         "(ModelConfig.fp8, minimoe.fp8; simulated on a CPU)")):
-        parser.add_argument(flag, action="store_true", default=argparse.SUPPRESS, help=text)
+        parser.add_argument(flag, action="store_true", help=text)  # False: not given
     parser.add_argument("--resume", action="store_true", help="continue the run saved in --out "
                         "(its settings; a flag that contradicts them is an error)")
     parser.add_argument("--overwrite", action="store_true", help="replace the run already in "
@@ -100,11 +100,12 @@ def train_args_from_options(options: argparse.Namespace):
 
     given = {name: getattr(options, name) for name, *_ in TRAIN_FLAGS.values()
              if hasattr(options, name)}
-    for name in ("dtype", "grad_checkpointing"):
-        if hasattr(options, name):
-            given[name] = getattr(options, name)
+    if hasattr(options, "dtype"):
+        given["dtype"] = options.dtype
+    if options.grad_checkpointing:
+        given["grad_checkpointing"] = True
     overrides = dict(getattr(options, "overrides", []))
-    if getattr(options, "fp8", False):
+    if options.fp8:
         overrides["fp8"] = True
     if overrides or hasattr(options, "overrides"):
         given["config_overrides"] = overrides

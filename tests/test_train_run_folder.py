@@ -212,19 +212,31 @@ def test_a_time_limit_stop_says_so_and_resumes(tmp_path, capsys):
     assert [h["step"] for h in resumed.history] == [1, 2]
 
 
-def test_a_time_budget_plans_the_schedule(tmp_path, capsys):
+def test_a_time_budget_plans_the_schedule(tmp_path, capsys, monkeypatch):
     """A run asked for far more steps than fit: after measuring its speed it plans where the
-    cosine ends, and every later step's learning rate follows that plan."""
+    cosine ends, every later step follows that plan, and the schedule finishes in budget.
+
+    The loop's clock is replaced by one that advances 0.01 s per reading; the loop reads it
+    three times per step (step start, step time, end of step), so a step "takes" 0.03 s.
+    By hand: the plan comes after 22 steps (2 warm-up + 20 measured) at 0.66 s of a 6 s
+    budget; 0.95 * (6 - 0.66) / 0.03 = 169.1 more steps fit, so the schedule ends at 191."""
+    from minimoe import train as train_module
+
+    clock = {"now": 0.0}
+
+    def fake_clock():
+        clock["now"] += 0.01
+        return clock["now"]
+
+    monkeypatch.setattr(train_module.time, "perf_counter", fake_clock)
     args = tiny_args(tmp_path, steps=100_000, eval_every=0, max_minutes=0.1, save=False)
     result = run_training(args)
-    planned = result.schedule_steps
-    assert 22 < planned < 100_000
-    assert f"planned {planned} of the 100000 steps asked for" in capsys.readouterr().out
+    assert result.schedule_steps == 191 and result.stopped == "finished"
+    assert "planned 191 of the 100000 steps asked for" in capsys.readouterr().out
+    assert len(result.history) == 191
     for record in result.history[22:]:
-        assert record["lr"] == learning_rate(record["step"] - 1, args, planned)
-    if result.stopped == "finished":  # the usual case: the schedule ran to its end
-        assert len(result.history) == planned
-        assert result.history[-1]["lr"] == pytest.approx(args.min_lr, rel=0.01)
+        assert record["lr"] == learning_rate(record["step"] - 1, args, 191)
+    assert result.history[-1]["lr"] == pytest.approx(args.min_lr, rel=0.01)
 
 
 def test_generate_finds_a_run_folder_a_kill_left_inside_a_save(saved_run, tmp_path, capsys):
