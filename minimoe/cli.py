@@ -1,8 +1,12 @@
-"""The `minimoe` command line: train, finetune, sample, sizing, generate, chat, convert.
+"""The `minimoe` command line: train, finetune, sizing, generate, chat, convert.
 
 `minimoe train` is the project's main job: it trains the `toy` preset (DeepSeek-V3 in
 miniature) on the bundled synthetic corpus, then shows what the router learned -- which
-experts each domain of text goes to -- writes that as a figure, and samples text.
+experts each domain of text goes to -- writes that as a figure into the run folder, samples
+text, and says how to talk to the model (`minimoe chat runs/toy`).
+
+A run folder is never overwritten by a new run (``--overwrite`` asks for it); ``--resume``
+continues the saved run with its own settings, and a flag that contradicts them is an error.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import sys
 
 import torch
 
-DEFAULT_FIGURE = os.path.join("figures", "routing_by_domain.png")
+FIGURE_NAME = "routing_by_domain.png"  # written into the run folder
 
 
 def parse_override(text: str) -> tuple[str, object]:
@@ -29,62 +33,112 @@ def parse_override(text: str) -> tuple[str, object]:
     return key.strip(), value
 
 
+# --flag -> (TrainArgs field, type); the defaults come from TrainArgs and are shown in --help.
+# A flag left out is absent from the parsed options (argparse.SUPPRESS), so that --resume can
+# tell "not given: keep the saved run's value" from "given: must agree with it".
+TRAIN_FLAGS = {
+    "--preset": ("preset", str, "ModelConfig preset (toy, toy-classic, toy-gqa, toy-dense, ...)"),
+    "--data": ("data", str, "train on this UTF-8 text file instead of the synthetic "
+               "multi-domain corpus"),
+    "--out": ("out_dir", str, "the run folder (default: runs/PRESET, plus -DATA for --data "
+              "and -FIELD=VALUE for each --set, e.g. runs/toy-classic, runs/toy-my)"),
+    "--steps": ("steps", int, "optimiser steps to train for"),
+    "--batch-size": ("batch_size", int, "sequences per micro-batch"),
+    "--seq-len": ("seq_len", int, "tokens (bytes) per sequence"),
+    "--grad-accum": ("grad_accum", int, "micro-batches per optimiser step"),
+    "--lr": ("lr", float, "peak learning rate"),
+    "--min-lr": ("min_lr", float, "learning rate at the end of the cosine"),
+    "--warmup-steps": ("warmup_steps", int, "linear warmup steps"),
+    "--eval-every": ("eval_every", int, "validate every N steps (0: only at the end)"),
+    "--seed": ("seed", int, "seed of the weights, the corpus and the batches"),
+    "--device": ("device", str, "auto | cpu | cuda | mps"),
+    "--save-every": ("save_every", int, "also save a checkpoint every N steps (0: by time only)"),
+    "--save-every-minutes": ("save_every_minutes", float, "save a checkpoint at least this "
+                             "often: a killed run loses at most this much"),
+}
+CLI_MAX_MINUTES = 4.0
+
+
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     from minimoe.train import TrainArgs
 
     defaults = TrainArgs()
-    parser.add_argument("--preset", default=defaults.preset, help="ModelConfig preset (toy, "
-                        "toy-classic, toy-gqa, toy-dense, ...)")
+    for flag, (name, kind, text) in TRAIN_FLAGS.items():
+        default = getattr(defaults, name)
+        shown = f" (default: {default})" if default is not None and flag != "--out" else ""
+        parser.add_argument(flag, dest=name, type=kind, default=argparse.SUPPRESS,
+                            help=text + shown)
     parser.add_argument("--set", dest="overrides", action="append", type=parse_override,
-                        default=[], metavar="FIELD=VALUE",
+                        default=argparse.SUPPRESS, metavar="FIELD=VALUE",
                         help="change a ModelConfig field, e.g. --set aux_loss_alpha=0.01")
-    parser.add_argument("--data", default=None, help="train on this UTF-8 text file instead "
-                        "of the synthetic multi-domain corpus")
-    parser.add_argument("--out", dest="out_dir", default=defaults.out_dir)
-    parser.add_argument("--steps", type=int, default=defaults.steps)
-    parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
-    parser.add_argument("--seq-len", type=int, default=defaults.seq_len)
-    parser.add_argument("--grad-accum", type=int, default=defaults.grad_accum)
-    parser.add_argument("--lr", type=float, default=defaults.lr)
-    parser.add_argument("--min-lr", type=float, default=defaults.min_lr)
-    parser.add_argument("--warmup-steps", type=int, default=defaults.warmup_steps)
-    parser.add_argument("--eval-every", type=int, default=defaults.eval_every)
-    parser.add_argument("--seed", type=int, default=defaults.seed)
-    parser.add_argument("--device", default=defaults.device, help="auto | cpu | cuda | mps")
-    parser.add_argument("--dtype", default=defaults.dtype, choices=["fp32", "bf16"])
-    parser.add_argument("--grad-checkpointing", action="store_true")
-    parser.add_argument("--fp8", action="store_true", help="FP8 GEMMs for the experts and "
-                        "attention projections (ModelConfig.fp8, minimoe.fp8; simulated on a CPU)")
-    parser.add_argument("--resume", action="store_true", help="continue from --out")
-    parser.add_argument("--max-minutes", type=float, default=4.0,
-                        help="stop (and save) after this many minutes of training, so the "
-                        "default run fits in five minutes on a slow laptop (0 = no limit)")
+    parser.add_argument("--dtype", choices=["fp32", "bf16"], default=argparse.SUPPRESS,
+                        help=f"training precision (default: {defaults.dtype})")
+    for flag, text in (("--grad-checkpointing", "recompute activations in backward"),
+                       ("--fp8", "FP8 GEMMs for the experts and attention projections "
+                        "(ModelConfig.fp8, minimoe.fp8; simulated on a CPU)")):
+        parser.add_argument(flag, action="store_true", help=text)  # False: not given
+    parser.add_argument("--resume", action="store_true", help="continue the run saved in --out "
+                        "(its settings; a flag that contradicts them is an error)")
+    parser.add_argument("--overwrite", action="store_true", help="replace the run already in "
+                        "--out (never done without this flag)")
+    parser.add_argument("--max-minutes", type=float, default=CLI_MAX_MINUTES,
+                        help="time budget of the training loop, in minutes (default: "
+                        f"{CLI_MAX_MINUTES:g}, so the default run fits in five minutes on a "
+                        "slow laptop; 0 = no limit). The learning-rate schedule is planned to "
+                        "end within it; a run it stops is saved and says how to resume")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    parser.add_argument("--figure", default=DEFAULT_FIGURE, help="routing figure path")
+    parser.add_argument("--figure", default=None, help="routing figure path (default: "
+                        f"OUT/{FIGURE_NAME})")
     parser.add_argument("--no-progress", action="store_true")
+
+
+def train_args_from_options(options: argparse.Namespace):
+    """TrainArgs from the parsed flags: TrainArgs' defaults for a new run, the saved run's
+    settings for --resume; the flags given on top (train.validate_args checks them)."""
+    from minimoe import run_folder
+    from minimoe.train import TrainArgs, default_out_dir
+
+    given = {name: getattr(options, name) for name, *_ in TRAIN_FLAGS.values()
+             if hasattr(options, name)}
+    if hasattr(options, "dtype"):
+        given["dtype"] = options.dtype
+    if options.grad_checkpointing:
+        given["grad_checkpointing"] = True
+    overrides = dict(getattr(options, "overrides", []))
+    if options.fp8:
+        overrides["fp8"] = True
+    if overrides or hasattr(options, "overrides"):
+        given["config_overrides"] = overrides
+    values = dict(vars(TrainArgs()))
+    if options.resume:
+        out_dir = given.get("out_dir") or default_out_dir(
+            given.get("preset", "toy"), given.get("data"), given.get("config_overrides"))
+        if run_folder.recover(out_dir) is not None and run_folder.is_complete(out_dir):
+            saved = run_folder.read_state(out_dir).get("args", {})
+            values.update({k: v for k, v in saved.items() if k in values})
+            if "config_overrides" in given:  # --set / --fp8 change the saved model's fields
+                given["config_overrides"] = {**saved.get("config_overrides", {}), **overrides}
+        given["out_dir"] = out_dir
+    values.update(given)
+    values.update(resume=options.resume, overwrite=options.overwrite,
+                  max_minutes=options.max_minutes or None, progress=not options.no_progress)
+    if not options.resume and "out_dir" not in given:
+        values["out_dir"] = None  # train.validate_args derives it from the preset and data
+    return TrainArgs(**values)
 
 
 def command_train(options: argparse.Namespace) -> int:
     from minimoe import data as data_lib
-    from minimoe.train import TrainArgs, train
+    from minimoe.train import run_training
     from minimoe.viz import format_usage_table, plot_domain_usage, routing_report
 
     if options.threads:
         torch.set_num_threads(options.threads)
-    overrides = dict(options.overrides)
-    if options.fp8:
-        overrides["fp8"] = True
-    args = TrainArgs(
-        preset=options.preset, config_overrides=overrides, data=options.data,
-        out_dir=options.out_dir, steps=options.steps, batch_size=options.batch_size,
-        seq_len=options.seq_len, grad_accum=options.grad_accum, lr=options.lr,
-        min_lr=options.min_lr, warmup_steps=options.warmup_steps,
-        eval_every=options.eval_every, seed=options.seed, device=options.device,
-        dtype=options.dtype, grad_checkpointing=options.grad_checkpointing,
-        resume=options.resume, max_minutes=options.max_minutes or None,
-        progress=not options.no_progress,
-    )
-    model, history, (_, val_corpus) = train(args)
+    args = train_args_from_options(options)
+    result = run_training(args)
+    if result.stopped in ("SIGINT", "SIGTERM"):
+        return 130 if result.stopped == "SIGINT" else 143
+    model, history, (_, val_corpus) = result.model, result.history, result.corpora
     cfg = model.cfg
     params = model.num_parameters()
     final = history[-1]
@@ -93,7 +147,7 @@ def command_train(options: argparse.Namespace) -> int:
           f"final val loss {final.get('val_loss', float('nan')):.3f} nats/byte "
           f"(train {final['ce']:.3f}"
           + (f", MTP depth 1: {final['mtp_ce_1']:.3f}" if "mtp_ce_1" in final else "") + ")")
-    print(f"checkpoint: {args.out_dir}")
+    print(f"run folder: {args.out_dir}" + ("" if args.save else " (not saved)"))
 
     device = next(model.parameters()).device
     if cfg.is_moe:
@@ -101,11 +155,11 @@ def command_train(options: argparse.Namespace) -> int:
         report = routing_report(model, x.to(device), domains, val_corpus.domain_names)
         print()
         print(format_usage_table(report))
-        if options.figure:
-            os.makedirs(os.path.dirname(options.figure) or ".", exist_ok=True)
-            plot_domain_usage(report, options.figure,
-                              title=f"{cfg.name}: share of each domain's token-slots per expert")
-            print(f"\nrouting figure: {options.figure}")
+        figure = options.figure or os.path.join(args.out_dir, FIGURE_NAME)
+        os.makedirs(os.path.dirname(figure) or ".", exist_ok=True)
+        plot_domain_usage(report, figure,
+                          title=f"{cfg.name}: share of each domain's token-slots per expert")
+        print(f"\nrouting figure: {figure}")
 
     tokenizer = data_lib.ByteTokenizer()
     generator = torch.Generator(device="cpu").manual_seed(args.seed)
@@ -116,6 +170,8 @@ def command_train(options: argparse.Namespace) -> int:
                              generator=generator)
         text = tokenizer.decode(out[0].tolist())
         print("  " + repr(text))
+    print(f"\ntalk to it: minimoe chat {args.out_dir}   (or: minimoe generate {args.out_dir} "
+          "--prompt \"def \")")
     return 0
 
 
@@ -123,6 +179,8 @@ def command_sizing(options: argparse.Namespace) -> int:
     from minimoe import sizing
 
     print(sizing.summary_table(options.presets or list(sizing.PUBLISHED)))
+    print()
+    print(sizing.SIZING_LEGEND)
     return 0
 
 
@@ -144,7 +202,11 @@ def add_finetune_arguments(parser: argparse.ArgumentParser) -> None:
                         "OUT/merged, a checkpoint folder like `minimoe train` writes")
     parser.add_argument("--set", dest="overrides", action="append", type=parse_override,
                         default=[], metavar="FIELD=VALUE", help="change a preset's field")
-    parser.add_argument("--out", dest="out_dir", default=defaults.out_dir)
+    parser.add_argument("--out", dest="out_dir", default=None, help="the adapters' folder "
+                        "(default: runs/MODEL-lora-DATA)")
+    parser.add_argument("--overwrite", action="store_true", help="replace adapters already "
+                        "in --out (never done without this flag)")
+    parser.add_argument("--no-progress", action="store_true")
     for flag, name in (("--steps", "steps"), ("--batch-size", "batch_size"),
                        ("--seq-len", "seq_len"), ("--grad-accum", "grad_accum"),
                        ("--warmup-steps", "warmup_steps"), ("--eval-every", "eval_every"),
@@ -169,6 +231,7 @@ def command_finetune(options: argparse.Namespace) -> int:
         grad_accum=options.grad_accum, warmup_steps=options.warmup_steps,
         eval_every=options.eval_every, seed=options.seed, lr=options.lr, min_lr=options.min_lr,
         device=options.device, dtype=options.dtype, grad_checkpointing=options.grad_checkpointing,
+        overwrite=options.overwrite, progress=not options.no_progress,
     )
     model, history = finetune(args)
     first, final = history[0], history[-1]
@@ -179,12 +242,16 @@ def command_finetune(options: argparse.Namespace) -> int:
           f"{first['ce']:.3f} -> {final['ce']:.3f}"
           + (f", val {final['val_loss']:.3f}" if "val_loss" in final else ""))
     print(f"adapters: {args.out_dir}")
+    talk_to = args.out_dir
     if args.merge:
-        print(f"merged model: {os.path.join(args.out_dir, 'merged')}")
+        talk_to = os.path.join(args.out_dir, "merged")
+        print(f"merged model: {talk_to}")
+    print(f"talk to it: minimoe chat {talk_to}")
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The `minimoe` parser with every sub-command (also what the README's test parses with)."""
     parser = argparse.ArgumentParser(prog="minimoe", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
     train_parser = commands.add_parser("train", help="train a preset and show its routing")
@@ -198,13 +265,21 @@ def main(argv: list[str] | None = None) -> int:
     sizing_parser.set_defaults(handler=command_sizing)
     from minimoe.checkpoints.cli import add_checkpoint_commands
 
-    add_checkpoint_commands(commands)  # generate, chat, convert (published checkpoints)
+    add_checkpoint_commands(commands)  # generate, chat, convert
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     options = parser.parse_args(argv)
     try:
         return options.handler(options)
-    except (ValueError, FileNotFoundError) as error:
+    except (ValueError, FileNotFoundError, FileExistsError) as error:
         print(f"minimoe {options.command}: error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # a second Ctrl-C, or one outside the training loop
+        print(f"\nminimoe {options.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

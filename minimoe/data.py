@@ -73,6 +73,7 @@ often crosses a domain boundary: the router has to switch mid-sequence.
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 from dataclasses import dataclass
@@ -463,6 +464,26 @@ def load_text_corpus(path: str) -> Corpus:
     tokens = torch.frombuffer(bytearray(data), dtype=torch.uint8)  # (N,)
     name = os.path.splitext(os.path.basename(path))[0]
     return Corpus(tokens, torch.zeros(len(data), dtype=torch.int8), (name,))
+
+
+def check_corpus_size(num_tokens: int, seq_len: int, val_fraction: float, source: str) -> None:
+    """A corpus of num_tokens byte tokens, split (1 - val_fraction) / val_fraction, must give
+    each part one (input, target) window of seq_len + 1 tokens; the error says how many bytes
+    are needed."""
+    def fits(n: int) -> bool:
+        n_val = int(round(n * val_fraction))  # as Corpus.split rounds
+        return n_val >= seq_len + 1 and n - n_val >= seq_len + 1
+
+    if fits(num_tokens):
+        return
+    needed = max(1, int((seq_len + 0.5) / val_fraction) - 2)
+    while not fits(needed):
+        needed += 1
+    raise ValueError(f"{source} has {num_tokens:,} bytes (= tokens: one byte is one token); "
+                     f"training with --seq-len {seq_len} needs at least {needed:,}: "
+                     f"{val_fraction:.0%} is held out for validation, and each part must hold "
+                     f"one window of seq_len + 1 = {seq_len + 1} tokens. Use a longer text or "
+                     "a smaller --seq-len")
 
 
 def _check_lengths(corpus: Corpus, batch_size: int, seq_len: int) -> None:

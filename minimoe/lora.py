@@ -540,59 +540,17 @@ def merge_lora(model: nn.Module) -> nn.Module:
 # 4. Counting: trainable fraction from a config, weight memory of a built model
 # ----------------------------------------------------------------------------------------------
 def linear_shapes(cfg) -> dict[str, tuple[int, int]]:
-    """Every nn.Linear a Transformer(cfg) builds: {module name: (d_in, d_out)}."""
-    C, H = cfg.hidden_size, cfg.num_attention_heads
+    """Every nn.Linear a Transformer(cfg) builds: {module name: (d_in, d_out)}.
 
-    def attention(prefix: str) -> dict:  # prefix: the attention module's own name
-        if cfg.attention == "mla":
-            qk = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
-            shapes = ({"q_proj": (C, H * qk)} if cfg.q_lora_rank is None else
-                      {"q_a_proj": (C, cfg.q_lora_rank), "q_b_proj": (cfg.q_lora_rank, H * qk)})
-            shapes.update({
-                "kv_a_proj_with_mqa": (C, cfg.kv_lora_rank + cfg.qk_rope_head_dim),
-                "kv_b_proj": (cfg.kv_lora_rank, H * (cfg.qk_nope_head_dim + cfg.v_head_dim)),
-                "o_proj": (H * cfg.v_head_dim, C)})
-        else:
-            D, H_kv = cfg.head_dim, cfg.num_key_value_heads
-            shapes = {"q_proj": (C, H * D), "k_proj": (C, H_kv * D), "v_proj": (C, H_kv * D),
-                      "o_proj": (H * D, C)}
-        return {f"{prefix}.{k}": v for k, v in shapes.items()}
+    The model is built on the meta device: modules and parameter shapes, no memory and no
+    initialisation, so this works for DeepSeek-V3's 671B parameters in milliseconds and can
+    never drift from the real module tree."""
+    from minimoe.model import Transformer
 
-    def swiglu(prefix: str, width: int) -> dict:
-        return {f"{prefix}.gate_proj": (C, width), f"{prefix}.up_proj": (C, width),
-                f"{prefix}.down_proj": (width, C)}
-
-    def shared_experts(prefix: str) -> dict:
-        if cfg.n_shared_experts == 0:
-            return {}
-        return swiglu(f"{prefix}.mlp.shared_experts",
-                      cfg.n_shared_experts * cfg.moe_intermediate_size)
-
-    def layer(prefix: str, index: int) -> dict:  # DecoderLayer
-        shapes = attention(f"{prefix}.self_attn")
-        if cfg.is_moe_layer(index) and not cfg.shortcut_moe:
-            shapes.update(shared_experts(prefix))
-        else:
-            shapes.update(swiglu(f"{prefix}.mlp", cfg.intermediate_size))
-        return shapes
-
-    def shortcut_layer(prefix: str, index: int) -> dict:  # LongCat-Flash's ShortcutDecoderLayer
-        shapes = {}
-        for i in range(2):
-            shapes.update(attention(f"{prefix}.self_attn.{i}"))
-            shapes.update(swiglu(f"{prefix}.mlps.{i}", cfg.intermediate_size))
-        if cfg.is_moe_layer(index):
-            shapes.update(shared_experts(prefix))
-        return shapes
-
-    shapes = {}
-    for i in range(cfg.num_hidden_layers):
-        shapes.update((shortcut_layer if cfg.shortcut_moe else layer)(f"layers.{i}", i))
-    shapes["lm_head"] = (C, cfg.vocab_size)
-    for k in range(cfg.num_nextn_predict_layers):
-        shapes[f"mtp.{k}.eh_proj"] = (2 * C, C)
-        shapes.update(layer(f"mtp.{k}.block", cfg.num_hidden_layers + k))
-    return shapes
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    return {name: (module.in_features, module.out_features)
+            for name, module in model.named_modules() if type(module) is nn.Linear}
 
 
 def lora_parameter_count(cfg, rank: int = 8, targets: Iterable[str] = DEFAULT_TARGETS) -> dict:
@@ -638,7 +596,7 @@ class FinetuneArgs(TrainArgs):
     lora_dropout: float = 0.0
     quantize_base: Optional[str] = None
     merge: bool = False  # also write the merged model to out_dir/merged
-    out_dir: str = "runs/lora"
+    out_dir: Optional[str] = None  # None: runs/<model>-lora-<data file stem>
     steps: int = 200
     lr: float = 1e-3
     min_lr: float = 1e-4
@@ -657,6 +615,9 @@ def load_base_model(source: str, config_overrides: Optional[dict] = None, seed: 
     from minimoe.model import Transformer
     from minimoe.train import load_checkpoint
 
+    from minimoe.run_folder import recover_if_interrupted
+
+    recover_if_interrupted(source)  # a run folder a kill left inside a save
     if config_overrides and source not in PRESETS:
         raise ValueError(f"config overrides {sorted(config_overrides)} change a preset's fields; "
                          f"{source!r} is a checkpoint, whose config.json fixes its fields")
@@ -677,15 +638,17 @@ def load_base_model(source: str, config_overrides: Optional[dict] = None, seed: 
 def finetune(args, model: Optional[nn.Module] = None,
              on_step: Optional[Callable[[dict], None]] = None):
     """LoRA fine-tuning; returns (model, history). Writes the adapters to args.out_dir and,
-    with args.merge, the merged model (a ``minimoe train`` checkpoint) to out_dir/merged.
+    with args.merge, the merged model (a ``minimoe train`` run folder) to out_dir/merged.
 
-    The loop is train.train's without what LoRA does not need: AdamW over the adapters
-    only, no expert-bias update (the base, buffers included, stays frozen).
+    The optimiser step is train.training_step, the one ``minimoe train`` takes; what LoRA
+    leaves out: AdamW over the adapters only, no expert-bias update (the base, buffers
+    included, stays frozen).
     """
     from minimoe import data as data_lib
-    from minimoe.train import (evaluate, learning_rate, pick_device, save_checkpoint,
-                               training_corpora)
+    from minimoe.train import (evaluate, learning_rate, pick_device, progress_bar,
+                               save_checkpoint, training_corpora, training_step)
 
+    _check_finetune_args(args)
     torch.manual_seed(args.seed)
     device = pick_device(args.device)
     train_corpus, val_corpus = training_corpora(args)
@@ -695,6 +658,9 @@ def finetune(args, model: Optional[nn.Module] = None,
     model = model.to(device)
     add_lora(model, rank=args.lora_rank, alpha=args.lora_alpha, targets=args.targets,
              dropout=args.lora_dropout, quantize_base=args.quantize_base)
+    # what load_finetuned needs to rebuild the base (a preset's random init: seed and --set)
+    model.lora_config.update(base_model=_base_reference(args.model), base_seed=args.seed,
+                             base_overrides=dict(args.config_overrides))
     model.gradient_checkpointing = args.grad_checkpointing
     parameters = trainable_parameters(model)
     optimizer = torch.optim.AdamW(parameters, lr=args.lr, betas=(0.9, 0.999),
@@ -704,6 +670,7 @@ def finetune(args, model: Optional[nn.Module] = None,
     autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16,
                               enabled=args.dtype == "bf16")
     history = []
+    progress = progress_bar(args.steps, 0, "finetune", args.progress)
     started = time.perf_counter()
     model.train()
     for step in range(args.steps):
@@ -711,19 +678,10 @@ def finetune(args, model: Optional[nn.Module] = None,
         lr = learning_rate(step, args)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        loss_sum, ce_sum = 0.0, 0.0
-        for _ in range(args.grad_accum):
-            x, y, _ = data_lib.sample_batch(train_corpus, args.batch_size, args.seq_len, generator)
-            with autocast:
-                out = model(x.to(device), targets=y.to(device))
-            (out.loss / args.grad_accum).backward()
-            loss_sum += out.loss.item() / args.grad_accum
-            ce_sum += float(out.aux["losses"]["ce"].detach()) / args.grad_accum
-        grad_norm = torch.nn.utils.clip_grad_norm_(parameters, args.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        record = {"step": step + 1, "lr": lr, "loss": loss_sum, "ce": ce_sum,
-                  "grad_norm": float(grad_norm),
+        totals, grad_norm, _ = training_step(model, optimizer, parameters, train_corpus,
+                                             generator, args, device, autocast)
+        record = {"step": step + 1, "lr": lr, "loss": totals["loss"], "ce": totals["ce"],
+                  "grad_norm": grad_norm,
                   "tokens_per_second": args.batch_size * args.seq_len * args.grad_accum
                   / (time.perf_counter() - step_started)}
         if args.eval_every and ((step + 1) % args.eval_every == 0 or step + 1 == args.steps):
@@ -731,14 +689,69 @@ def finetune(args, model: Optional[nn.Module] = None,
         history.append(record)
         if on_step is not None:
             on_step(record)
+        if progress is not None:
+            progress.set_postfix({"loss": f"{record['ce']:.3f}"}, refresh=False)
+            progress.update(1)
         if args.max_minutes is not None and time.perf_counter() - started > 60 * args.max_minutes:
             break
+    if progress is not None:
+        progress.close()
 
     if args.save:
         save_lora(model, args.out_dir)
+        _save_tokenizer_beside(model, args.out_dir)
     if args.merge:
         merge_lora(model)
         if args.save:
             save_checkpoint(os.path.join(args.out_dir, "merged"), model, None, len(history),
                             args, history)
     return model, history
+
+
+def _check_finetune_args(args) -> None:
+    """The flags, the data size and the output folder, before the base model is loaded."""
+    from minimoe.train import _check_data, _check_numbers
+
+    _check_numbers(args)
+    _check_data(args)
+    for flag, value in (("--lora-rank", args.lora_rank), ("--lora-alpha", args.lora_alpha)):
+        if not value > 0:
+            raise ValueError(f"{flag} must be > 0, got {value!r}")
+    if args.out_dir is None:
+        base = os.path.basename(os.path.normpath(args.model)) or "model"
+        data = os.path.splitext(os.path.basename(args.data))[0] if args.data else "synthetic"
+        args.out_dir = os.path.join("runs", f"{base}-lora-{data}")
+    holds = os.path.exists(os.path.join(args.out_dir, ADAPTER_WEIGHTS))
+    if args.save and holds and not args.overwrite:
+        raise FileExistsError(f"--out {args.out_dir!r} already holds LoRA adapters: "
+                              "--overwrite replaces them, or choose another --out")
+
+
+def _base_reference(source: str) -> str:
+    """How adapter_config.json names the base: a preset as is, a local folder as an
+    absolute path (so the adapters load from anywhere), a hub id as is."""
+    return os.path.abspath(source) if os.path.isdir(source) else source
+
+
+def _save_tokenizer_beside(model: nn.Module, folder: str) -> None:
+    """A byte-level model's adapters carry byte_tokenizer.json (generate/chat read it)."""
+    from minimoe.checkpoints.tokenizer import BYTE_TOKENIZER_FILE, byte_tokenizer_json
+
+    if model.cfg.vocab_size == 256:
+        with open(os.path.join(folder, BYTE_TOKENIZER_FILE), "w") as handle:
+            handle.write(byte_tokenizer_json())
+
+
+def load_finetuned(folder: str, quantize_base: Optional[str] = None) -> nn.Module:
+    """The base model adapter_config.json names, with the adapters of ``folder`` added
+    (what ``minimoe generate`` / ``chat`` run for a ``minimoe finetune`` output folder)."""
+    with open(os.path.join(folder, ADAPTER_CONFIG)) as handle:
+        config = json.load(handle)
+    base = config.get("base_model")
+    if base is None:
+        raise ValueError(f"{os.path.join(folder, ADAPTER_CONFIG)} does not name its base model "
+                         "(written by an older minimoe): load the base yourself and call "
+                         "minimoe.lora.load_lora(model, folder), or use the merged model "
+                         "(minimoe finetune --merge writes FOLDER/merged)")
+    model = load_base_model(base, config.get("base_overrides"), config.get("base_seed", 0))
+    return load_lora(model, folder, quantize_base=quantize_base).eval()

@@ -611,14 +611,28 @@ def _flop(n: float) -> str:
     return f"{n / 1e9:.1f} G" if n >= 1e9 else f"{n / 1e6:.1f} M"
 
 
+SIZING_LEGEND = """\
+Columns (parameters; B = 10^9):
+  total           every weight of the main model, embedding and output head included
+  MTP             the multi-token-prediction modules' own weights (not in total)
+  active (ours)   total minus the routed experts a token did not pick (router, shared
+                  experts, embedding and head count as active); a range with zero experts
+  total / active (ours, publisher's rules)
+                  the same model counted the way its publisher counts (e.g. with or without
+                  the embedding, MTP included or not): comparable with "published"
+  published       the numbers the publisher states
+  KV cache        bytes cached per token of context, bf16; fwd FLOP: one token's forward pass"""
+
+
 def summary_table(names: Sequence[str], context_length: int = 4096) -> str:
     """A markdown table: our counts, the publisher's convention and numbers, KV cache, FLOPs.
 
     "total" and "active" are the main model (embedding and head included, MTP not); "MTP"
-    is the MTP modules' own parameters; "ours, their convention" is published_counts.
+    is the MTP modules' own parameters; "total / active (ours, publisher's rules)" is
+    published_counts: our count redone the way the publisher counts (SIZING_LEGEND).
     """
     lines = [
-        "| model | total | MTP | active | ours, their convention (total / active) | "
+        "| model | total | MTP | active (ours) | total / active (ours, publisher's rules) | "
         f"published | KV cache bf16 / token | fwd FLOP / token @ {context_length} |",
         "|---|---|---|---|---|---|---|---|",
     ]

@@ -42,9 +42,13 @@ def test_training_reduces_loss_and_checkpoint_round_trips(tmp_path):
     assert "val_loss" in history[-1] and "mtp_ce_1" in history[-1]
     assert {"max_vio", "max_vio_by_layer", "tokens_per_second"} <= set(history[-1])
     # the checkpoint folder is complete and reloads to the same function
-    for name in ("model.safetensors", "config.json", "optimizer.pt", "train_state.json"):
-        assert os.path.exists(os.path.join(args.out_dir, name))
-    assert not os.path.exists(args.out_dir + ".tmp")
+    assert sorted(os.listdir(args.out_dir)) == ["byte_tokenizer.json", "config.json",
+                                                "model.safetensors", "train_state.json",
+                                                "train_state.safetensors"]  # no pickle
+    assert not os.path.exists(args.out_dir + ".tmp") and not os.path.exists(args.out_dir + ".old")
+    with open(os.path.join(args.out_dir, "train_state.json")) as handle:
+        state = json.load(handle)
+    assert state["step"] == 30 and [h["step"] for h in state["history"]] == list(range(1, 31))
     reloaded = load_checkpoint(args.out_dir)
     ids = torch.randint(0, 256, (2, 16))
     model.eval(), reloaded.eval()
@@ -63,6 +67,30 @@ def test_resume_continues_from_saved_step(tmp_path):
         assert json.load(handle)["step"] == 14
 
 
+class Interrupt(Exception):
+    pass
+
+
+def test_an_interrupted_run_resumes_exactly_where_it_stopped(tmp_path):
+    """Weights, AdamW moments, the data generator and the schedule all come back: the resumed
+    run's losses are the uninterrupted run's, bit for bit."""
+    _, reference, _ = train(tiny_args(tmp_path, out_dir=str(tmp_path / "reference"), steps=14,
+                                      eval_every=7))
+
+    def crash_at_step_8(record):
+        if record["step"] == 8:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):  # saved at steps 3 and 6 (save_every), then "crashed"
+        train(tiny_args(tmp_path, steps=14, eval_every=7, save_every=3), on_step=crash_at_step_8)
+    with open(tmp_path / "run" / "train_state.json") as handle:
+        assert json.load(handle)["step"] == 6
+    _, resumed, _ = train(tiny_args(tmp_path, steps=14, eval_every=7, resume=True))
+    assert [h["step"] for h in resumed] == list(range(1, 15))
+    assert [h["ce"] for h in resumed] == [h["ce"] for h in reference]
+    assert resumed[-1]["val_loss"] == reference[-1]["val_loss"]
+
+
 def test_bf16_and_grad_accumulation_and_checkpointing_run(tmp_path):
     _, history, _ = train(tiny_args(tmp_path, steps=4, dtype="bf16", grad_accum=2,
                                      grad_checkpointing=True, eval_every=0, save=False))
@@ -79,16 +107,16 @@ def test_train_on_text_file(tmp_path):
 
 
 def test_cli_train_end_to_end(tmp_path, capsys):
-    figure = tmp_path / "routing.png"
     code = cli.main(["train", "--steps", "3", "--batch-size", "4", "--seq-len", "32",
-                     "--out", str(tmp_path / "cli_run"), "--figure", str(figure),
-                     "--no-progress", "--eval-every", "3"]
+                     "--out", str(tmp_path / "cli_run"), "--no-progress", "--eval-every", "3"]
                     + [arg for key, value in TINY.items() for arg in ("--set", f"{key}={value}")])
     out = capsys.readouterr().out
     assert code == 0
     assert "Expert usage by domain" in out and "| arabic |" in out
     assert "samples" in out
+    figure = tmp_path / "cli_run" / "routing_by_domain.png"  # the run's own figure
     assert figure.exists() and figure.stat().st_size > 1000
+    assert f"minimoe chat {tmp_path / 'cli_run'}" in out
 
 
 def test_cli_reports_bad_input_clearly(tmp_path, capsys):

@@ -182,7 +182,7 @@ def test_explorer_on_a_trained_run_folder(tmp_path):
 
 
 def test_explorer_on_a_load_pretrained_layer_subset(tmp_path):
-    from minimoe.export import save_pretrained
+    from minimoe.checkpoints.export import save_pretrained
 
     import dataclasses
 

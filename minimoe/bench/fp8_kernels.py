@@ -4,6 +4,7 @@ correctness and the cost of the FP8 emulation on a CPU.
     python -m minimoe.bench.fp8_kernels                 # GPU: full table; CPU: see below
     python -m minimoe.bench.fp8_kernels --quick         # fewer repeats
     python -m minimoe.bench.fp8_kernels --out DIR       # where the csv / markdown go
+                                                        # (default runs/bench/fp8_kernels)
 
 What is measured on a CUDA GPU
 ------------------------------
@@ -57,13 +58,14 @@ from typing import Callable, Optional
 import torch
 
 from minimoe import fp8
+from minimoe.bench import progress
 
 GEMM_SHAPES = [(2112, 7168), (7168, 2048), (4096, 7168)]  # (N, K), DeepSeek-V3
 GEMM_TOKENS = [128, 4096]
 QUANT_TOKENS = [4096, 16384]
 QUANT_K = 7168
 DEQUANT_SHAPES = [(7168, 2048), (4096, 7168), (18432, 7168)]
-DEFAULT_OUT = Path("notebooks") / "results"
+DEFAULT_OUT = Path("runs") / "bench" / "fp8_kernels"  # --publish: notebooks/results
 
 
 # ----------------------------------------------------------------------------- GPU measurements
@@ -130,13 +132,17 @@ def gpu_rows(quick: bool) -> tuple[list, dict]:
     peaks = measure_device(device, quick)
     rows = []
     gen = torch.Generator(device=device).manual_seed(0)
+    bar = progress(len(QUANT_TOKENS) + len(DEQUANT_SHAPES) + len(GEMM_SHAPES) * len(GEMM_TOKENS),
+                   "fp8_kernels", unit="shape")
     for M in QUANT_TOKENS:
+        bar.update(1)
         x = torch.randn(M, QUANT_K, device=device, dtype=torch.bfloat16, generator=gen)
         ms = _do_bench(lambda: act_quant(x), quick)
         moved = M * QUANT_K * 2 + M * QUANT_K + M * -(-QUANT_K // 128) * 4
         rows.append(_row("act_quant", f"M={M} K={QUANT_K} bf16", ms, bytes_moved=moved,
                          peaks=peaks))
     for N, K in DEQUANT_SHAPES:
+        bar.update(1)
         w = torch.randn(N, K, device=device, generator=gen) * 0.02
         w_q, w_s = fp8.quantize_weight_128x128(w)
         ms = _do_bench(lambda: weight_dequant(w_q, w_s, dtype=torch.bfloat16), quick)
@@ -147,6 +153,7 @@ def gpu_rows(quick: bool) -> tuple[list, dict]:
     for N, K in GEMM_SHAPES:
         w_q, w_s = fp8.quantize_weight_128x128(torch.randn(N, K, device=device, generator=gen) * 0.02)
         for M in GEMM_TOKENS:
+            bar.update(1)
             where = f"M={M} N={N} K={K}"
             flops = 2 * M * N * K
             a_q, a_s = act_quant(torch.randn(M, K, device=device, dtype=torch.bfloat16,
@@ -172,6 +179,7 @@ def gpu_rows(quick: bool) -> tuple[list, dict]:
                                @ fp8.dequantize_weight_128x128(w_q, w_s).T, quick)
             rows.append(_row("emulation", where, emu_ms, flops=flops, peaks=peaks,
                              note="dequantise both operands + float32 matmul (minimoe.fp8)"))
+    bar.close()
     return rows, peaks
 
 
@@ -262,6 +270,12 @@ def cpu_overhead_rows(quick: bool, tokens: int = 2048) -> list:
     rows = []
     gen = torch.Generator().manual_seed(0)
     M, K, N = tokens, 512, 512
+    bar = progress(6, "fp8 emulation cost", unit="case")
+
+    def timed(run) -> float:
+        bar.update(1)
+        return _time_cpu(run, repeats)
+
     x = torch.randn(M, K, generator=gen)
     grad = torch.randn(M, N, generator=gen)
     linear = torch.nn.Linear(K, N, bias=False)
@@ -275,9 +289,8 @@ def cpu_overhead_rows(quick: bool, tokens: int = 2048) -> list:
             y.backward(grad.to(y.dtype))
         return run
 
-    times = {"fp32": _time_cpu(step(linear, False), repeats),
-             "bf16": _time_cpu(step(linear, True), repeats),
-             "fp8": _time_cpu(step(layer, True), repeats)}
+    times = {"fp32": timed(step(linear, False)), "bf16": timed(step(linear, True)),
+             "fp8": timed(step(layer, True))}
     for name, ms in times.items():
         rows.append(_row(f"linear fwd+bwd {name}", f"M={M} K={K} N={N}", ms,
                          note=f"{ms / times['bf16']:.2f}x the bf16 time"))
@@ -302,7 +315,8 @@ def cpu_overhead_rows(quick: bool, tokens: int = 2048) -> list:
             y.backward(grad_g.to(y.dtype))
         return run
 
-    times = {kind: _time_cpu(grouped(kind), repeats) for kind in ("fp32", "bf16", "fp8")}
+    times = {kind: timed(grouped(kind)) for kind in ("fp32", "bf16", "fp8")}
+    bar.close()
     for name, ms in times.items():
         rows.append(_row(f"grouped fwd+bwd {name}", f"M={M} E={E} C={C} I={I}", ms,
                          note=f"{ms / times['bf16']:.2f}x the bf16 time"))
@@ -341,14 +355,17 @@ def write_outputs(rows: list, out_dir: Path, stem: str, peaks: Optional[dict],
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer repeats")
-    parser.add_argument("--out", default=str(DEFAULT_OUT), help="folder for csv / markdown")
+    parser.add_argument("--out", default=None, help=f"folder for csv / markdown (default: "
+                        f"{DEFAULT_OUT})")
+    parser.add_argument("--publish", action="store_true",
+                        help="write the committed copies in notebooks/results")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--cpu-tokens", type=int, default=2048,
                         help="rows of the CPU emulation-overhead products")
     options = parser.parse_args(argv)
     if options.threads:
         torch.set_num_threads(options.threads)
-    out_dir = Path(options.out)
+    out_dir = Path(options.out or ("notebooks/results" if options.publish else DEFAULT_OUT))
     if torch.cuda.is_available() and not _interpreted():
         rows, peaks = gpu_rows(options.quick)
         header = (f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, "

@@ -51,7 +51,8 @@ Targets (printed beside each result, as fractions of what this run measured):
                               tensors are large enough), >= 1.5x eager PyTorch
 
 Output: a CSV and a markdown table (default notebooks/results/kernels_bench.{csv,md}) and a
-roofline and a speed-up figure (default figures/kernels_roofline.png, kernels_speedup.png).
+roofline and a speed-up figure (kernels_roofline.png, kernels_speedup.png; under
+runs/bench/kernels/ unless --out or --publish says otherwise).
 
 Without a CUDA GPU the suite says so and checks correctness only: under TRITON_INTERPRET=1
 (set before starting Python) it runs each kernel against its reference on small CPU shapes;
@@ -73,6 +74,7 @@ from typing import Callable, Optional
 
 import torch
 
+from minimoe.bench import progress, results_dir
 from minimoe.config import ModelConfig
 from minimoe.experts import RoutedExperts
 from minimoe.moe import dispatch_naive, dispatch_sorted, grouped_mm_backend
@@ -622,12 +624,15 @@ def gpu_rows(args, device) -> tuple[list, dict]:
     fused_moe, reason = fused_moe_or_reason()
     if reason:
         print(reason + ": the fused MoE rows are left out")
+    bar = progress(len(MODELS), "kernels", unit="model shape")
     for model in MODELS:
+        bar.update(1)
         shape = shape_of(model)
         bench_router(rec, shape, tokens, not args.no_compile)
         bench_rmsnorm(rec, shape, tokens, not args.no_compile)
         bench_rope(rec, shape, tokens, not args.no_compile)
         bench_moe(rec, shape, tokens, fused_moe, ("uniform",) if args.quick else ("uniform", "zipf"))
+    bar.close()
     return rows + rec.rows, peaks
 
 
@@ -657,11 +662,14 @@ def cpu_reference_rows(quick: bool) -> list:
         ("moe_fwd", "N64 C256 I128 E16 k2", "naive", lambda: dispatch_naive(xm, idx, weight, experts)),
         ("moe_fwd", "N64 C256 I128 E16 k2", "sorted", lambda: dispatch_sorted(xm, idx, weight, experts)),
     ]
+    bar = progress(len(cases), "kernels (CPU reference)", unit="case")
     with torch.no_grad():
         for kernel, model, impl, fn in cases:
+            bar.update(1)
             ms = time_ms(fn, device, quick)
             rows.append(_row(section="timing", kernel=kernel, model=model, tokens="", routing="-",
                              impl=impl, median_us=round(ms * 1e3, 1), note="CPU, reference only"))
+    bar.close()
     return rows
 
 
@@ -789,13 +797,16 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer token counts and repeats")
     parser.add_argument("--out", type=Path, default=None,
-                        help="one folder for csv, markdown and figures (default: notebooks/results "
-                             "and figures/ of the repository)")
+                        help="one folder for csv, markdown and figures (default: "
+                             "runs/bench/kernels)")
+    parser.add_argument("--publish", action="store_true", help="write the committed copies: "
+                        "notebooks/results and figures/ of the repository")
     parser.add_argument("--no-compile", action="store_true", help="leave out torch.compile")
     args = parser.parse_args(argv)
-    results_dir = args.out or REPO / "notebooks" / "results"
-    figures_dir = args.out or REPO / "figures"
-    results_dir.mkdir(parents=True, exist_ok=True)
+    default = Path(results_dir("kernels"))
+    tables_dir = args.out or (REPO / "notebooks" / "results" if args.publish else default)
+    figures_dir = args.out or (REPO / "figures" if args.publish else default)
+    tables_dir.mkdir(parents=True, exist_ok=True)
     figures_dir.mkdir(parents=True, exist_ok=True)
 
     on_gpu = torch.cuda.is_available()
@@ -816,7 +827,7 @@ def main(argv=None) -> int:
 
     table = markdown_table(rows)
     print(table)
-    write_csv(rows, results_dir / f"{stem}.csv")
+    write_csv(rows, tables_dir / f"{stem}.csv")
     header = "# Kernel benchmarks\n\n"
     if peaks:
         header += (f"Device: {torch.cuda.get_device_name()}; measured bf16 matmul peak "
@@ -824,8 +835,8 @@ def main(argv=None) -> int:
                    f"torch {torch.__version__}.\n\n")
     else:
         header += "No CUDA GPU: correctness (or CPU reference timings) only.\n\n"
-    (results_dir / f"{stem}.md").write_text(header + table + "\n")
-    written = [results_dir / f"{stem}.csv", results_dir / f"{stem}.md"]
+    (tables_dir / f"{stem}.md").write_text(header + table + "\n")
+    written = [tables_dir / f"{stem}.csv", tables_dir / f"{stem}.md"]
     if peaks:
         try:
             written += plot_figures(rows, peaks, figures_dir)

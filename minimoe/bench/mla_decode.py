@@ -38,9 +38,10 @@ they cross. The byte ratio at this config is 5120 / 576 = 8.9x, at V3's 128 head
 shrink.
 
     OMP_WAIT_POLICY=PASSIVE python -m minimoe.bench.mla_decode --threads 1
-    python -m minimoe.bench.mla_decode --kv-figure-only      # figures/kv_cache_presets.png only
+    python -m minimoe.bench.mla_decode --kv-figure-only      # kv_cache_presets.png only
 
-Writes figures/mla_decode_time.png and figures/kv_cache_presets.png (the KV bytes per token
+Writes mla_decode_time.png and kv_cache_presets.png into runs/bench/mla_decode/ (``--publish``:
+the committed copies in figures/; ``--figure-dir`` anywhere else) (the KV bytes per token
 of the published presets, pure arithmetic from ``minimoe.sizing``).
 """
 
@@ -54,6 +55,7 @@ import time
 import torch
 
 from minimoe import sizing
+from minimoe.bench import progress, results_dir
 from minimoe.cache import KVCache
 from minimoe.config import ModelConfig
 from minimoe.experiments import save_figure
@@ -134,7 +136,9 @@ def run(contexts=CONTEXTS, repeats: int = 10, hidden: int = 1024, heads: int = 1
     x = torch.randn(1, max(contexts) + 1, hidden)  # (B, T_max + 1, C)
     token = torch.randn(1, 1, hidden)  # (B, 1, C)
     rows = []
+    bar = progress(len(contexts), "mla_decode", unit="context")
     for T in contexts:
+        bar.update(1)
         row = {"context": T}
         for mode in modes:
             cache = prefilled_cache(mla, x[:, :T], mode)
@@ -148,6 +152,7 @@ def run(contexts=CONTEXTS, repeats: int = 10, hidden: int = 1024, heads: int = 1
                 row[f"{mode}_inplace_ms"] = 1e3 * time_decode(mla, static, token, mode, repeats)
                 del static
         rows.append(row)
+    bar.close()
     return rows
 
 
@@ -233,9 +238,12 @@ def main(argv=None) -> None:
     parser.add_argument("--hidden", type=int, default=1024)
     parser.add_argument("--heads", type=int, default=16)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--figure-dir", default="figures")
+    parser.add_argument("--figure-dir", default=None, help="default: runs/bench/mla_decode "
+                        "(with --publish: figures/, the committed copies)")
+    parser.add_argument("--publish", action="store_true")
     parser.add_argument("--kv-figure-only", action="store_true")
     args = parser.parse_args(argv)
+    args.figure_dir = args.figure_dir or ("figures" if args.publish else results_dir("mla_decode"))
     os.makedirs(args.figure_dir, exist_ok=True)
     plot_kv_presets(os.path.join(args.figure_dir, "kv_cache_presets.png"))
     if args.kv_figure_only:

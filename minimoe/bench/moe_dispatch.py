@@ -39,6 +39,7 @@ import time
 
 import torch
 
+from minimoe.bench import progress
 from minimoe.config import ModelConfig
 from minimoe.moe import MoE, grouped_mm_backend
 
@@ -126,11 +127,13 @@ def main(argv=None) -> None:
     print("| expert FFN | naive loop (ms) | sorted (ms) | speed-up | matmul floor (ms) "
           "| grouped-matmul backend |")
     print("|---:|---:|---:|---:|---:|:---|")
+    bar = progress(len(args.ffn), "moe_dispatch", unit="width")
     for ffn in args.ffn:
         r = bench_one(ffn, args, dtype, speed)
-        print(f"| {r['ffn']} | {r['naive_ms']:.0f} | {r['sorted_ms']:.0f} | "
-              f"{r['naive_ms'] / r['sorted_ms']:.2f}x | {r['floor_ms']:.0f} | {r['backend']} |",
-              flush=True)
+        bar.update(1)
+        bar.write(f"| {r['ffn']} | {r['naive_ms']:.0f} | {r['sorted_ms']:.0f} | "
+              f"{r['naive_ms'] / r['sorted_ms']:.2f}x | {r['floor_ms']:.0f} | {r['backend']} |")
+    bar.close()
     print()
     print(f"load average (1 min) before {load_before:.2f}, after {os.getloadavg()[0]:.2f} "
           f"on {os.cpu_count()} cores")

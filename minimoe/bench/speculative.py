@@ -30,6 +30,7 @@ from collections import defaultdict
 import torch
 
 from minimoe import data as data_lib
+from minimoe.bench import progress
 from minimoe.experiments import mtp as experiment
 from minimoe.speculative import speculative_generate
 from minimoe.train import load_checkpoint, train
@@ -85,9 +86,11 @@ def main(argv=None) -> int:
     seconds = defaultdict(list)  # name (or (name, domain)) -> one total per repeat
     tokens_per_forward = defaultdict(list)
     first = defaultdict(lambda: [0, 0])  # (name, domain) -> [accepted, proposed] first drafts
+    bar = progress(options.repeats * len(prompts), "speculative", unit="prompt")
     for _ in range(options.repeats):
         totals = defaultdict(float)
         for domain, prompt in prompts:
+            bar.update(1)
             started = clock()
             reference = model.generate(prompt, n)
             elapsed = clock() - started
@@ -106,6 +109,7 @@ def main(argv=None) -> int:
                 first[name, domain][1] += stats.proposed[0]
         for name, total in totals.items():
             seconds[name].append(total)
+    bar.close()
     plain = statistics.median(seconds["plain"])
     generated = len(prompts) * n
     print(f"batch 1, greedy, {len(prompts)} prompts x {n} new tokens, {options.threads} "

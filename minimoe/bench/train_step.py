@@ -17,6 +17,7 @@ import time
 
 import torch
 
+from minimoe.bench import progress
 from minimoe.config import ModelConfig
 from minimoe.model import Transformer
 from minimoe.train import TrainArgs, make_optimizer
@@ -61,12 +62,15 @@ def main(argv=None) -> int:
           f"per step, {torch.get_num_threads()} threads, torch {torch.__version__}\n")
     print("| dispatch | dtype | step (ms) | tokens/s |")
     print("|---|---|---|---|")
+    bar = progress(2 * len(options.dtypes), "train_step", unit="case")
     for dispatch in ("naive", "sorted"):
         cfg = ModelConfig.preset(options.preset, dispatch=dispatch)
         for dtype in options.dtypes:
             seconds = time_train_steps(cfg, options.batch_size, options.seq_len, dtype,
                                        options.warmup, options.repeats)
-            print(f"| {dispatch} | {dtype} | {1000 * seconds:.1f} | {tokens / seconds:,.0f} |")
+            bar.update(1)
+            bar.write(f"| {dispatch} | {dtype} | {1000 * seconds:.1f} | {tokens / seconds:,.0f} |")
+    bar.close()
     return 0
 
 

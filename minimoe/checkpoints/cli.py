@@ -1,4 +1,4 @@
-"""The command-line commands for published checkpoints: generate, chat, convert.
+"""The command-line commands for checkpoints: generate, chat, convert.
 
     minimoe generate CKPT --prompt "..." [--max-new-tokens N] [--temperature T] [--top-k K]
                      [--top-p P] [--layers 0-3] [--dtype bfloat16] [--speculative [N]]
@@ -7,8 +7,10 @@
     minimoe convert fp8-to-bf16 SRC DST
 
 CKPT is a local checkpoint folder or a hub repo id (``minimoe.checkpoints.hub``; with ``--layers`` only
-the shards holding those layers are downloaded). The text goes through the checkpoint's own
-tokenizer (``minimoe.checkpoints.tokenizer``). ``generate`` prints the prompt and its continuation on
+the shards holding those layers are downloaded), or a folder minimoe wrote itself: a
+``minimoe train`` run folder, a merged LoRA model, or ``minimoe finetune``'s adapters (loaded
+onto the base model they name). The text goes through the checkpoint's own tokenizer
+(``minimoe.checkpoints.tokenizer``; a minimoe run folder names its byte tokenizer in byte_tokenizer.json). ``generate`` prints the prompt and its continuation on
 stdout and the speed (and, with --speculative, the draft acceptance; with --offload-experts,
 the expert cache's hits and misses) on stderr. ``chat`` reads one user message per line of
 stdin, keeps the conversation, renders it with the chat template and prints each answer on
@@ -106,14 +108,47 @@ def _load(options):
     """(model, tokenizer) from the options; the tokenizer is read first (a quick failure)."""
     from minimoe.checkpoints.load import load_pretrained, resolve_checkpoint_folder
     from minimoe.checkpoints.tokenizer import load_tokenizer
+    from minimoe.run_folder import folder_kind, recover_if_interrupted
 
+    recover_if_interrupted(options.checkpoint)  # a run folder a kill left inside a save
     folder = resolve_checkpoint_folder(options.checkpoint, options.layers)
+    kind = folder_kind(folder)
+    if kind != "published":  # what minimoe train / finetune wrote
+        return _load_minimoe_folder(folder, kind, options)
     tokenizer = load_tokenizer(folder)
     offload = options.offload_experts is not None
     model = load_pretrained(folder, dtype=DTYPES[options.dtype], device=options.device,
                             layers=options.layers, offload_experts=offload,
                             expert_cache_size=options.offload_experts if offload else 64)
     return model, tokenizer
+
+
+def _load_minimoe_folder(folder: str, kind: str, options):
+    """A `minimoe train` run folder (or a merged LoRA), or `minimoe finetune`'s adapters
+    (base model + adapters; the tokenizer from the adapters' folder, else the base's)."""
+    import json
+    import os
+
+    from minimoe.run_folder import load_model
+    from minimoe.checkpoints.tokenizer import load_tokenizer
+
+    if options.layers is not None or options.offload_experts is not None:
+        raise ValueError(f"--layers and --offload-experts read published checkpoints; {folder} "
+                         "is a minimoe run folder (load it whole)")
+    if kind == "adapters":
+        from minimoe.lora import load_finetuned
+
+        with open(os.path.join(folder, "adapter_config.json")) as handle:
+            base = json.load(handle).get("base_model") or folder
+        has_own = any(os.path.exists(os.path.join(folder, name))
+                      for name in ("tokenizer.json", "byte_tokenizer.json"))
+        tokenizer = load_tokenizer(folder if has_own or not os.path.isdir(base) else base)
+        model = load_finetuned(folder)
+    else:
+        tokenizer = load_tokenizer(folder)
+        model = load_model(folder)
+    dtype = DTYPES[options.dtype]
+    return model.to(device=options.device, dtype=dtype).eval(), tokenizer
 
 
 def _check_ids(ids: list[int], model) -> torch.Tensor:
@@ -207,7 +242,8 @@ def command_chat(options: argparse.Namespace, stdin=None) -> int:
                   f"({model.cfg.max_position_embeddings}); /reset to start over", file=sys.stderr)
             continue
         start = time.perf_counter()
-        new, _ = _sample(model, input_ids, options, tokenizer.eos_token_id)
+        stop_id = getattr(tokenizer, "chat_stop_token_id", tokenizer.eos_token_id)
+        new, _ = _sample(model, input_ids, options, stop_id)
         reply = tokenizer.decode(new, skip_special_tokens=True)
         messages.append({"role": "assistant", "content": reply})
         print(("assistant> " if interactive else "") + reply, flush=True)

@@ -134,13 +134,100 @@ def _read_chat_template(folder: str, config: dict) -> Optional[str]:
     return template
 
 
+# ----------------------------------------------------------------------------------------------
+# minimoe's own models read bytes: a run folder says so in byte_tokenizer.json
+# ----------------------------------------------------------------------------------------------
+BYTE_TOKENIZER_FILE = "byte_tokenizer.json"
+BYTE_TOKENIZER_KIND = "minimoe-bytes"
+
+
+def byte_tokenizer_json() -> str:
+    """The text of byte_tokenizer.json: token id = UTF-8 byte value (minimoe.data.ByteTokenizer)."""
+    return json.dumps({"tokenizer": BYTE_TOKENIZER_KIND, "vocab_size": 256,
+                       "note": "token id = byte value of the UTF-8 text (minimoe.data.ByteTokenizer)"},
+                      indent=1)
+
+
+def save_byte_tokenizer(folder: str | os.PathLike) -> str:
+    """Write byte_tokenizer.json into ``folder`` (for a run folder written without one)."""
+    path = os.path.join(os.fspath(folder), BYTE_TOKENIZER_FILE)
+    with open(path, "w") as handle:
+        handle.write(byte_tokenizer_json())
+    return path
+
+
+class ByteChatTokenizer:
+    """The byte tokenizer with the interface of ``Tokenizer`` (encode, decode, a chat format).
+
+    A byte model trained by ``minimoe train`` was never taught a conversation format, so its
+    "chat template" is plain text -- ``User: ...`` / ``Assistant: `` lines -- and an answer
+    ends at the end of its line (``chat_stop_token_id``, the newline byte): the model simply
+    continues your line in the style of its training text."""
+
+    vocab_size = 256
+    bos_token = eos_token = None
+    bos_token_id = eos_token_id = None  # plain generation runs to max_new_tokens
+    chat_stop_token_id = ord("\n")
+    chat_template = "User: {content}\nAssistant: {content}\n"  # rendered by render_chat
+
+    def __init__(self, folder: str = "") -> None:
+        self.folder = folder
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids, skip_special_tokens: bool = False) -> str:
+        return bytes(int(i) for i in ids).decode("utf-8", errors="replace")
+
+    def render_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        names = {"system": "System", "user": "User", "assistant": "Assistant"}
+        lines = [f"{names.get(m['role'], m['role'].title())}: {m['content']}\n" for m in messages]
+        return "".join(lines) + ("Assistant: " if add_generation_prompt else "")
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
+                            **variables) -> list[int]:
+        return self.encode(self.render_chat(messages, add_generation_prompt))
+
+
+def _read_byte_tokenizer(folder: str) -> Optional[ByteChatTokenizer]:
+    path = os.path.join(folder, BYTE_TOKENIZER_FILE)
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path) as handle:
+            kind = json.load(handle).get("tokenizer")
+    except (ValueError, AttributeError) as error:
+        raise ValueError(f"{path} is not the JSON object minimoe writes: {error}") from error
+    if kind != BYTE_TOKENIZER_KIND:
+        raise ValueError(f"{path}: unknown tokenizer {kind!r}, expected {BYTE_TOKENIZER_KIND!r}")
+    return ByteChatTokenizer(folder)
+
+
+def _is_minimoe_run(folder: str) -> bool:
+    try:
+        with open(os.path.join(folder, "config.json")) as handle:
+            return "model_type" not in json.load(handle)
+    except (OSError, ValueError, TypeError):
+        return False
+
+
 def load_tokenizer(folder: str | os.PathLike) -> Tokenizer:
-    """The tokenizer of a checkpoint folder (tokenizer.json + tokenizer_config.json).
+    """The tokenizer of a checkpoint folder: tokenizer.json + tokenizer_config.json, or the
+    byte tokenizer a minimoe run folder names in byte_tokenizer.json.
 
     Raises FileNotFoundError naming the missing file (and ImportError without ``tokenizers``).
     """
     folder = os.fspath(folder)
     path = os.path.join(folder, "tokenizer.json")
+    byte_tokenizer = _read_byte_tokenizer(folder)
+    if byte_tokenizer is not None and not os.path.exists(path):
+        return byte_tokenizer
+    if not os.path.exists(path) and _is_minimoe_run(folder):
+        raise FileNotFoundError(
+            f"{folder} is a minimoe run folder without {BYTE_TOKENIZER_FILE} (written before "
+            "runs carried their tokenizer). minimoe's own models read UTF-8 bytes; write the "
+            "file once with: python -c \"import minimoe.checkpoints.tokenizer as t; "
+            f"t.save_byte_tokenizer('{folder}')\"")
     if not os.path.exists(path):
         present = sorted(n for n in os.listdir(folder) if "token" in n) if os.path.isdir(folder) else []
         raise FileNotFoundError(

@@ -18,9 +18,10 @@ mutual information between a token's domain and its experts (``minimoe.viz``).
 
 One command regenerates the committed results (about 15 minutes on 2 CPU cores):
 
-    python -m minimoe.experiments.balance
+    python -m minimoe.experiments.balance --publish
 
-It writes notebooks/results/balance.json and figures/balance_*.png.
+It writes runs/experiments/balance/ (results JSON and figures); ``--publish`` writes the
+committed notebooks/results/balance.json and figures/balance_*.png.
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ import time
 import torch
 
 from minimoe import data as data_lib
-from minimoe.experiments import save_figure, write_results
+from minimoe.experiments import (add_output_arguments, output_paths, progress, save_figure,
+                                 write_results)
 from minimoe.train import TrainArgs, train
 from minimoe.viz import routing_report
 
@@ -46,16 +48,15 @@ RUNS = {
     "dense": ("toy-dense", {}),
 }
 
-RESULTS_PATH = os.path.join("notebooks", "results", "balance.json")
 
 
-def run_one(name: str, steps: int, seed: int, out_root: str) -> dict:
+def run_one(name: str, steps: int, seed: int, out_root: str, on_step=None) -> dict:
     preset, overrides = RUNS[name]
     args = TrainArgs(preset=preset, config_overrides=overrides, steps=steps, seed=seed,
                      out_dir=os.path.join(out_root, name), eval_every=max(1, steps // 10),
                      progress=False, save=False)
     started = time.perf_counter()
-    model, history, (_, val_corpus) = train(args)
+    model, history, (_, val_corpus) = train(args, on_step=on_step)
     seconds = time.perf_counter() - started
     result = {
         "preset": preset, "overrides": overrides,
@@ -111,22 +112,25 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--runs", nargs="*", default=list(RUNS), choices=list(RUNS))
-    parser.add_argument("--out", default=RESULTS_PATH)
-    parser.add_argument("--figure-dir", default="figures")
+    add_output_arguments(parser, "balance")
     parser.add_argument("--threads", type=int, default=None)
     options = parser.parse_args(argv)
+    results_path, figure_dir = output_paths(options, "balance")
     if options.threads:
         torch.set_num_threads(options.threads)
     results = {"command": "python -m minimoe.experiments.balance", "steps": options.steps,
                "seed": options.seed, "threads": torch.get_num_threads(), "runs": {}}
+    bar = progress(len(options.runs) * options.steps, "balance")
     for name in options.runs:
-        print(f"training {name} ...", flush=True)
-        results["runs"][name] = run_one(name, options.steps, options.seed, "runs/balance")
+        bar.set_description(f"balance: {name}")
+        results["runs"][name] = run_one(name, options.steps, options.seed, "runs/balance",
+                                        on_step=lambda record: bar.update(1))
         r = results["runs"][name]
-        print(f"  {name}: {r['parameters'] / 1e6:.2f}M params, final val {r['val_loss'][-1]:.4f}, "
-              f"final MaxVio {r['max_vio'][-1]:.3f}, {r['seconds']:.0f}s", flush=True)
-    write_results(results, options.out)
-    print("wrote", options.out, *plot(results, options.figure_dir))
+        bar.write(f"  {name}: {r['parameters'] / 1e6:.2f}M params, final val {r['val_loss'][-1]:.4f}, "
+              f"final MaxVio {r['max_vio'][-1]:.3f}, {r['seconds']:.0f}s")
+    bar.close()
+    write_results(results, results_path)
+    print("wrote", results_path, *plot(results, figure_dir))
     return 0
 
 

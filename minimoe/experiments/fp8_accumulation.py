@@ -45,10 +45,11 @@ What it shows (the committed run: 3 seeds, one thread, ~11 s)
 
 One command regenerates the committed results (well under a minute on one thread):
 
-    python -m minimoe.experiments.fp8_accumulation
+    python -m minimoe.experiments.fp8_accumulation --publish
 
-It writes notebooks/results/fp8_accumulation.json, figures/fp8_accumulation.png and
-figures/fp8_scaling_error.png.
+It writes runs/experiments/fp8_accumulation/ (``--publish``: the committed
+notebooks/results/fp8_accumulation.json, figures/fp8_accumulation.png and
+figures/fp8_scaling_error.png).
 """
 
 from __future__ import annotations
@@ -59,12 +60,12 @@ import time
 
 import torch
 
-from minimoe.experiments import save_figure, write_results
+from minimoe.experiments import (add_output_arguments, output_paths, progress, save_figure,
+                                 write_results)
 from minimoe.fp8 import (dequantize_act_1x128, dequantize_per_tensor, dequantize_weight_128x128,
                          fp8_matmul_reference, quantize_act_1x128, quantize_per_tensor,
                          quantize_weight_128x128)
 
-RESULTS_PATH = os.path.join("notebooks", "results", "fp8_accumulation.json")
 K_VALUES = [128, 256, 512, 1024, 2048, 4096, 8192, 16384]
 VARIANTS = {  # name -> (accumulator_bits, rounding, promote_every)
     "14-bit truncating, no promotion": (14, "truncate", None),
@@ -86,8 +87,10 @@ def accumulation(k_values, m: int, n: int, seeds: int) -> dict:
     raw = {name: {k: [] for k in k_values} for name in VARIANTS}
     raw["fp8 inputs, float32 accumulation (vs unquantised)"] = {k: [] for k in k_values}
     bits_sweep = {b: [] for b in (12, 13, 14, 15, 16)}
+    bar = progress(seeds * len(k_values), "fp8_accumulation", unit="GEMM shape")
     for seed in range(seeds):
         for k in k_values:
+            bar.update(1)
             gen = torch.Generator().manual_seed(1000 * seed + k)
             a = torch.randn(m, k, generator=gen)
             b = torch.randn(n, k, generator=gen)
@@ -107,6 +110,7 @@ def accumulation(k_values, m: int, n: int, seeds: int) -> dict:
                     y = fp8_matmul_reference(a_q, a_s, b_q, b_s, promote_every=None,
                                              accumulator_bits=bits)
                     bits_sweep[bits].append(_errors(y, exact))
+    bar.close()
 
     def summarise(runs):
         return {metric: {"mean": sum(r[metric] for r in runs) / len(runs),
@@ -193,10 +197,10 @@ def main(argv=None) -> int:
     parser.add_argument("--m", type=int, default=64)
     parser.add_argument("--n", type=int, default=64)
     parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--out", default=RESULTS_PATH)
-    parser.add_argument("--figure-dir", default="figures")
+    add_output_arguments(parser, "fp8_accumulation")
     parser.add_argument("--threads", type=int, default=1)
     options = parser.parse_args(argv)
+    results_path, figure_dir = output_paths(options, "fp8_accumulation")
     torch.set_num_threads(options.threads)
     started = time.perf_counter()
     results = {"command": "python -m minimoe.experiments.fp8_accumulation",
@@ -217,8 +221,8 @@ def main(argv=None) -> int:
            for b, s in acc["bits_sweep_k4096_truncating_no_promotion"].items()})
     for name in ("per-tensor", "1x128 tiles", "128x128 blocks"):
         print(f"{name:15s}", [f"{r['relative']:.3f}" for r in results["scaling"][name]])
-    write_results(results, options.out)
-    print(f"{results['seconds']:.1f}s; wrote", options.out, *plot(results, options.figure_dir))
+    write_results(results, results_path)
+    print(f"{results['seconds']:.1f}s; wrote", results_path, *plot(results, figure_dir))
     return 0
 
 

@@ -48,9 +48,10 @@ What it shows (the committed run: 3 seeds x 200 steps of 8 x 128 tokens, one thr
 
 One command regenerates it (about 9 minutes on one thread of the development CPU):
 
-    python -m minimoe.experiments.fp8_training
+    python -m minimoe.experiments.fp8_training --publish
 
-It writes notebooks/results/fp8_training.json and figures/fp8_training.png.
+It writes runs/experiments/fp8_training/ (``--publish``: the committed
+notebooks/results/fp8_training.json and figures/fp8_training.png).
 """
 
 from __future__ import annotations
@@ -63,10 +64,9 @@ import time
 
 import torch
 
-from minimoe.experiments import save_figure, write_results
+from minimoe.experiments import (add_output_arguments, output_paths, progress, save_figure,
+                                 write_results)
 
-RESULTS_PATH = os.path.join("notebooks", "results", "fp8_training.json")
-FIGURE_PATH = os.path.join("figures", "fp8_training.png")
 RUNS = {  # name -> (TrainArgs.dtype, ModelConfig.fp8, gradient amax floor of the FP8 layers)
     "bf16": ("bf16", False, None),
     "fp8": ("bf16", True, None),
@@ -88,7 +88,7 @@ def moving_average(values: list, window: int) -> list:
 
 
 def train_run(name: str, steps: int, batch_size: int, seq_len: int, eval_every: int,
-              seed: int, corpus_tokens: int) -> dict:
+              seed: int, corpus_tokens: int, on_step=None) -> dict:
     """Train one twin; returns its per-step losses, evaluations and speed."""
     from minimoe import fp8 as fp8_module
     from minimoe.train import TrainArgs, train
@@ -103,7 +103,7 @@ def train_run(name: str, steps: int, batch_size: int, seq_len: int, eval_every: 
     if grad_amax_floor is not None:  # the floor of DeepSeek's act_quant, on gradients too
         fp8_module.convert_to_fp8 = functools.partial(convert, grad_amax_floor=grad_amax_floor)
     try:
-        model, history, (_, val_corpus) = train(args)
+        model, history, (_, val_corpus) = train(args, on_step=on_step)
     finally:
         fp8_module.convert_to_fp8 = convert
     if grad_amax_floor is not None:  # the model must have been converted through the patch
@@ -195,7 +195,7 @@ def summarise(runs: dict, window: int) -> dict:
     return summary
 
 
-def plot(results: dict, path: str = FIGURE_PATH) -> str:
+def plot(results: dict, path: str = os.path.join("figures", "fp8_training.png")) -> str:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -246,10 +246,10 @@ def main(argv=None) -> int:
     parser.add_argument("--corpus-tokens", type=int, default=1_000_000)
     parser.add_argument("--runs", nargs="*", default=["fp8", "fp32"], choices=list(RUNS),
                         help="which twins to train besides bf16, the reference")
-    parser.add_argument("--out", default=RESULTS_PATH)
-    parser.add_argument("--figure", default=FIGURE_PATH)
+    add_output_arguments(parser, "fp8_training")
     parser.add_argument("--threads", type=int, default=1)
     options = parser.parse_args(argv)
+    results_path, figure_dir = output_paths(options, "fp8_training")
     torch.set_num_threads(options.threads)
     names = ["bf16"] + [name for name in options.runs if name != "bf16"]
     started = time.perf_counter()
@@ -257,15 +257,18 @@ def main(argv=None) -> int:
                "steps": options.steps, "batch_size": options.batch_size,
                "seq_len": options.seq_len, "seeds": options.seeds,
                "threads": torch.get_num_threads(), "runs": {name: [] for name in names}}
+    bar = progress(len(options.seeds) * len(names) * options.steps, "fp8_training")
     for seed in options.seeds:
         for name in names:
+            bar.set_description(f"fp8_training: seed {seed} {name}")
             run = train_run(name, options.steps, options.batch_size, options.seq_len,
-                            options.eval_every, seed, options.corpus_tokens)
+                            options.eval_every, seed, options.corpus_tokens,
+                            on_step=lambda record: bar.update(1))
             results["runs"][name].append(run)
-            print(f"seed {seed} {name:5s} final ce {run['ce'][-1]:.4f}  val {run['val_loss'][-1]:.4f}"
+            bar.write(f"seed {seed} {name:5s} final ce {run['ce'][-1]:.4f}  val {run['val_loss'][-1]:.4f}"
                   f"  {run['seconds_per_step']:.3f} s/step"
-                  + (f"  same weights: {run['same_weights']}" if "same_weights" in run else ""),
-                  flush=True)
+                  + (f"  same weights: {run['same_weights']}" if "same_weights" in run else ""))
+    bar.close()
     window = min(options.window, options.steps)
     results["summary"] = summary = summarise(results["runs"], window)
     results["seconds"] = round(time.perf_counter() - started, 1)
@@ -280,8 +283,9 @@ def main(argv=None) -> int:
     print("same weights (final bf16 models), relative val loss: fp8 vs bf16",
           [f"{100 * v:+.3f}%" for v in same["fp8_vs_bf16_relative"]], " fp32 vs bf16",
           [f"{100 * v:+.3f}%" for v in same["fp32_vs_bf16_relative"]])
-    write_results(results, options.out)
-    print(f"{results['seconds']:.0f}s; wrote", options.out, plot(results, options.figure))
+    write_results(results, results_path)
+    print(f"{results['seconds']:.0f}s; wrote", results_path,
+          plot(results, os.path.join(figure_dir, "fp8_training.png")))
     return 0
 
 

@@ -49,9 +49,10 @@ Setup
 One command regenerates the committed results (8.4 minutes on ONE CPU thread of a shared
 2-core machine):
 
-    python -m minimoe.experiments.long_context
+    python -m minimoe.experiments.long_context --publish
 
-It writes notebooks/results/long_context.json and figures/long_context.png. It sets
+It writes runs/experiments/long_context/ (``--publish``: the committed
+notebooks/results/long_context.json and figures/long_context.png). It sets
 torch.set_num_threads(--threads, default 1); set OMP_WAIT_POLICY=PASSIVE in the
 environment when other jobs share the machine.
 """
@@ -67,11 +68,11 @@ import torch
 
 from minimoe import data as data_lib
 from minimoe.config import ModelConfig
-from minimoe.experiments import save_figure, write_results
+from minimoe.experiments import (add_output_arguments, output_paths, progress, save_figure,
+                                 write_results)
 from minimoe.model import Transformer
 from minimoe.train import TrainArgs, learning_rate, make_optimizer
 
-RESULTS_PATH = os.path.join("notebooks", "results", "long_context.json")
 METHODS = ("none", "linear", "ntk", "yarn", "yarn-no-mscale")
 KEY_DIGITS = 5
 KEY_WEIGHT = 1.0  # extra weight of the key digits in the loss (see the module docstring)
@@ -115,7 +116,8 @@ def mixed_batch(corpus, rng: random.Random, generator: torch.Generator, rows: in
 
 
 def run_training(model: Transformer, corpus, steps: int, rows: int, seq_len: int, lr: float,
-                 min_lr: float, warmup: int, seed: int, key_weight: float = KEY_WEIGHT) -> list[float]:
+                 min_lr: float, warmup: int, seed: int, key_weight: float = KEY_WEIGHT,
+                 bar=None) -> list[float]:
     """AdamW on the mixed batches (the loop of minimoe.train, with the passkey mix).
 
     The loss is the model's (next-byte cross-entropy on every byte) plus key_weight times
@@ -142,6 +144,8 @@ def run_training(model: Transformer, corpus, steps: int, rows: int, seq_len: int
         optimizer.zero_grad(set_to_none=True)
         model.update_expert_biases()
         losses.append(out.aux["losses"]["ce"].item())
+        if bar is not None:
+            bar.update(1)
     model.eval()
     return losses
 
@@ -245,9 +249,11 @@ def main(argv=None) -> int:
     parser.add_argument("--loss-windows", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--out", default=RESULTS_PATH)
-    parser.add_argument("--figure-dir", default="figures")
+    add_output_arguments(parser, "long_context")
     options = parser.parse_args(argv)
+    results_path, figure_dir = output_paths(options, "long_context")
+    bar = progress(options.steps + len(options.multiples) * len(METHODS) * options.finetune_steps,
+                   "long_context (training steps)")
     torch.set_num_threads(options.threads)
     started = time.perf_counter()
     L = options.train_len
@@ -260,7 +266,7 @@ def main(argv=None) -> int:
     print(f"training toy-gqa ({model.num_parameters() / 1e6:.2f}M) at {L} for {options.steps} steps",
           flush=True)
     train_losses = run_training(model, train_corpus, options.steps, options.rows, L,
-                                lr=3e-3, min_lr=3e-4, warmup=30, seed=options.seed)
+                                lr=3e-3, min_lr=3e-4, warmup=30, seed=options.seed, bar=bar)
     train_seconds = time.perf_counter() - started
 
     results = {
@@ -276,7 +282,7 @@ def main(argv=None) -> int:
     }
     results["eval"][str(L)] = {"none": {"no_finetune": evaluate(model, val_corpus, L, L, options)}}
     at_l = results["eval"][str(L)]["none"]["no_finetune"]
-    print(f"  at {L}: passkey {at_l['passkey']['accuracy']:.2f}, loss {at_l['loss_by_bucket']}",
+    bar.write(f"  at {L}: passkey {at_l['passkey']['accuracy']:.2f}, loss {at_l['loss_by_bucket']}",
           flush=True)
     for multiple in options.multiples:
         T = multiple * L
@@ -288,19 +294,20 @@ def main(argv=None) -> int:
             tic = time.perf_counter()
             rows = max(2, options.rows * L // T)
             run_training(scaled, train_corpus, options.finetune_steps, rows, T, lr=1e-3,
-                         min_lr=1e-4, warmup=5, seed=options.seed + multiple)
+                         min_lr=1e-4, warmup=5, seed=options.seed + multiple, bar=bar)
             results["finetune_seconds"][f"{method}@{multiple}"] = time.perf_counter() - tic
             entry["finetune"] = evaluate(scaled, val_corpus, T, L, options)
             entry["finetune_rows"] = rows
             results["eval"][str(T)][method] = entry
-            print(f"  {T} {method:14s}: passkey {entry['no_finetune']['passkey']['accuracy']:.2f}"
+            bar.write(f"  {T} {method:14s}: passkey {entry['no_finetune']['passkey']['accuracy']:.2f}"
                   f" -> {entry['finetune']['passkey']['accuracy']:.2f} (fine-tuned); last-bucket loss "
                   f"{entry['no_finetune']['loss_by_bucket'][-1]:.3f} -> "
                   f"{entry['finetune']['loss_by_bucket'][-1]:.3f}", flush=True)
+    bar.close()
     results["total_minutes"] = (time.perf_counter() - started) / 60
-    write_results(results, options.out)
-    print(f"total {results['total_minutes']:.1f} min; wrote", options.out,
-          *plot(results, options.figure_dir))
+    write_results(results, results_path)
+    print(f"total {results['total_minutes']:.1f} min; wrote", results_path,
+          *plot(results, figure_dir))
     return 0
 
 

@@ -21,9 +21,10 @@
 
 One command regenerates the committed results (about 11 minutes on one thread):
 
-    python -m minimoe.experiments.mtp
+    python -m minimoe.experiments.mtp --publish
 
-It writes notebooks/results/mtp.json, figures/mtp_*.png and the checkpoints under runs/mtp/
+It writes runs/experiments/mtp/ (``--publish``: the committed notebooks/results/mtp.json and
+figures/mtp_*.png) and its own checkpoints under runs/mtp/, replaced on every run
 (``--decode-only`` reuses them).
 """
 
@@ -37,12 +38,12 @@ import time
 import torch
 
 from minimoe import data as data_lib
-from minimoe.experiments import save_figure, write_results
+from minimoe.experiments import (add_output_arguments, output_paths, progress, save_figure,
+                                 write_results)
 from minimoe.speculative import speculative_generate
 from minimoe.train import TrainArgs, load_checkpoint, train
 
 RUNS = {"no-mtp": 0, "mtp": 2}
-RESULTS_PATH = os.path.join("notebooks", "results", "mtp.json")
 RUNS_DIR = os.path.join("runs", "mtp")
 CORPUS_TOKENS = TrainArgs().corpus_tokens
 
@@ -52,14 +53,15 @@ def train_args(name: str, steps: int, seed: int) -> TrainArgs:
     return TrainArgs(preset="toy", config_overrides={"num_nextn_predict_layers": depth},
                      steps=steps, seed=seed, out_dir=os.path.join(RUNS_DIR, name),
                      eval_every=max(1, steps // 10), progress=False, save=True,
+                     overwrite=True,  # runs/mtp/ belongs to this experiment
                      mtp_weight_switch_step=(2 * steps) // 3 if depth else None,
                      mtp_loss_weight_after=0.1)
 
 
-def run_training(name: str, steps: int, seed: int) -> dict:
+def run_training(name: str, steps: int, seed: int, on_step=None) -> dict:
     args = train_args(name, steps, seed)
     started = time.perf_counter()
-    model, history, _ = train(args)
+    model, history, _ = train(args, on_step=on_step)
     seconds = time.perf_counter() - started
     result = {"num_nextn_predict_layers": RUNS[name], "parameters": model.num_parameters(),
               "seconds": seconds, "step": [h["step"] for h in history],
@@ -94,9 +96,11 @@ def decode_comparison(model, prompts: dict, new_tokens: int, num_draft_tokens=No
     plain_seconds = speculative_seconds = 0.0
     per_domain, generated = {}, 0
     totals = None
+    bar = progress(sum(len(p) for p in prompts.values()), "mtp: decoding", unit="prompt")
     for name, domain_prompts_ in prompts.items():
         accepted = proposed = 0
         for prompt in domain_prompts_:
+            bar.update(1)
             # the fastest of `repeats` alternating runs: robust to other work on the machine
             plain_times, speculative_times = [], []
             for _ in range(repeats):
@@ -125,6 +129,7 @@ def decode_comparison(model, prompts: dict, new_tokens: int, num_draft_tokens=No
             totals["main_forwards"] += stats.main_forwards
             totals["new_tokens"] += stats.new_tokens
         per_domain[name] = accepted / proposed
+    bar.close()
     lengths = totals["accepted_lengths"]
     return {
         "num_draft_tokens": len(totals["proposed"]),
@@ -185,29 +190,32 @@ def main(argv=None) -> int:
     parser.add_argument("--new-tokens", type=int, default=96)
     parser.add_argument("--decode-only", action="store_true",
                         help="reuse the checkpoints under runs/mtp and the training results")
-    parser.add_argument("--out", default=RESULTS_PATH)
-    parser.add_argument("--figure-dir", default="figures")
+    add_output_arguments(parser, "mtp")
     parser.add_argument("--threads", type=int, default=1)
     options = parser.parse_args(argv)
+    results_path, figure_dir = output_paths(options, "mtp")
     torch.set_num_threads(options.threads)
     results = {"command": "python -m minimoe.experiments.mtp", "steps": options.steps,
                "seed": options.seed, "threads": torch.get_num_threads(), "runs": {}}
     if options.decode_only:
-        with open(options.out) as handle:
+        with open(results_path) as handle:
             results["runs"] = json.load(handle)["runs"]
     else:
+        bar = progress(len(RUNS) * options.steps, "mtp: training")
         for name in RUNS:
-            print(f"training {name} ...", flush=True)
-            results["runs"][name] = run = run_training(name, options.steps, options.seed)
-            print(f"  {name}: {run['parameters'] / 1e6:.2f}M params, final val "
-                  f"{run['val_loss'][-1]:.4f}, {run['seconds']:.0f}s", flush=True)
-    print("decoding ...", flush=True)
+            bar.set_description(f"mtp: training {name}")
+            results["runs"][name] = run = run_training(name, options.steps, options.seed,
+                                                       on_step=lambda record: bar.update(1))
+            bar.write(f"  {name}: {run['parameters'] / 1e6:.2f}M params, final val "
+                      f"{run['val_loss'][-1]:.4f}, {run['seconds']:.0f}s")
+        bar.close()
+    print("decoding (plain vs speculative, every prompt twice) ...", flush=True)
     results["decode"] = run_decoding(os.path.join(RUNS_DIR, "mtp"), options.prompt_len,
                                      options.prompts_per_domain, options.new_tokens,
                                      options.seed)
     print(json.dumps(results["decode"], indent=1), flush=True)
-    write_results(results, options.out)
-    print("wrote", options.out, *plot(results, options.figure_dir))
+    write_results(results, results_path)
+    print("wrote", results_path, *plot(results, figure_dir))
     return 0
 
 
