@@ -4,7 +4,7 @@ Each experiment writes its numbers with ``write_results`` and its figures with
 ``save_figure``, so every result file and figure is written the same way. By default they go
 under ``runs/experiments/NAME/`` (a run of yours never replaces the committed results);
 ``--publish`` writes the committed files the notebooks and the README show
-(``notebooks/results/NAME.json`` and ``figures/``), and ``--out`` / ``--figure-dir`` choose
+(notebooks/results/NAME.json and ``figures/``), and ``--out`` / ``--figure-dir`` choose
 any other place. Every experiment shows a progress bar with the estimated time left.
 """
 
