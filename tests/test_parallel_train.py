@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+from safetensors.torch import load_file
 import torch
 
 from minimoe.train import TrainArgs, load_checkpoint, train
@@ -66,10 +67,15 @@ def test_parallel_training_equals_single_process(nproc, single_process_run, tmp_
         assert_close_scaled(tensor, reference[name], 2e-4, name)
 
     # the gathered optimiser state is the single-process one: every moment of every tensor
-    ours = torch.load(os.path.join(out_dir, "optimizer.pt"))
-    theirs = torch.load(os.path.join(single_dir, "optimizer.pt"))
-    assert ours["param_groups"] == theirs["param_groups"]
-    assert ours["state"].keys() == theirs["state"].keys()
-    for index, state in theirs["state"].items():
-        for key in ("exp_avg", "exp_avg_sq"):
-            assert_close_scaled(ours["state"][index][key], state[key], 1e-4, f"{index} {key}")
+    # (train_state.safetensors: "optimizer.<parameter name>.<key>"; param groups in the json)
+    ours = load_file(os.path.join(out_dir, "train_state.safetensors"))
+    theirs = load_file(os.path.join(single_dir, "train_state.safetensors"))
+    ours_json = json.loads(open(os.path.join(out_dir, "train_state.json")).read())
+    theirs_json = json.loads(open(os.path.join(single_dir, "train_state.json")).read())
+    assert ours_json["optimizer_param_groups"] == theirs_json["optimizer_param_groups"]
+    moments = sorted(k for k in theirs if k.startswith("optimizer.")
+                     and k.endswith((".exp_avg", ".exp_avg_sq")))
+    assert moments and sorted(k for k in ours if k.startswith("optimizer.")
+                              and k.endswith((".exp_avg", ".exp_avg_sq"))) == moments
+    for key in moments:
+        assert_close_scaled(ours[key], theirs[key], 1e-4, key)
