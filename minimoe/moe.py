@@ -223,8 +223,10 @@ def _probe_grouped_mm(device_type: str, device_index: Optional[int], dtype: torc
     # and inside an activation-checkpointed forward (the first forward of a process may be
     # one), where the checkpoint's saved-tensor hooks would otherwise count the probe's saved
     # tensors in the first pass but not in the recompute: plain hooks shield them.
+    # Autocast off: the answer is cached, so it must not depend on the caller's context.
     with torch.inference_mode(False), torch.enable_grad(), \
-            torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+            torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t), \
+            torch.autocast(device_type, enabled=False):
         return _run_grouped_mm_probe(device, dtype)
 
 
@@ -338,6 +340,10 @@ def dispatch_sorted(
     E = experts.num_experts
     if backend is None:
         backend = grouped_mm_backend(x.device, x.dtype, C, experts.intermediate_size)
+        if experts.gate_proj.dtype != x.dtype:
+            # e.g. bf16 activations and float32 weights under autocast: torch._grouped_mm is
+            # not on autocast's lists (its operands must share a dtype), the loop's matmuls are
+            backend = "loop"
     if backend not in GROUPED_MM_BACKENDS:
         raise ValueError(f"backend must be one of {GROUPED_MM_BACKENDS}, got {backend!r}")
 

@@ -418,3 +418,23 @@ def test_layer_runs_under_inference_mode_with_a_fresh_probe():
     moe_module._probe_grouped_mm.cache_clear()
     assert backend_inside == grouped_mm_backend("cpu", torch.float32, 16, 8)  # not cached wrong
     torch.testing.assert_close(y, layer(x)[0])
+
+
+def test_sorted_dispatch_under_autocast_whatever_the_probe_saw_first():
+    # torch._grouped_mm is not on autocast's lists: bf16 rows and float32 weights must take
+    # the loop backend, even after the (cached) bf16 probe ran outside autocast and said yes
+    from minimoe.moe import grouped_mm_backend
+
+    grouped_mm_backend("cpu", torch.bfloat16, 64, 32)  # the probe, cached, outside autocast
+    gen = torch.Generator().manual_seed(3)
+    experts = RoutedExperts(4, 64, 32)
+    x = torch.randn(12, 64, generator=gen)
+    topk_idx = torch.randint(0, 4, (12, 2), generator=gen)
+    topk_weight = torch.rand(12, 2, generator=gen)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        rows = torch.nn.functional.linear(x, torch.eye(64))  # bf16, as a previous layer leaves
+        assert rows.dtype == torch.bfloat16
+        got = dispatch_sorted(rows, topk_idx, topk_weight, experts)
+        expected = dispatch_naive(rows, topk_idx, topk_weight, experts)
+    # same bf16 products either way; summation order differs (bf16 has 8 bits of mantissa)
+    torch.testing.assert_close(got.float(), expected.float(), rtol=2e-2, atol=2e-2)
