@@ -86,6 +86,8 @@ NOT_REDRAWN = {
     "mla_decode_time.png": "a timing measured by `python -m minimoe.bench.mla_decode`",
     "routing_explorer.png": "a screenshot: MINIMOE_SCREENSHOTS=1 pytest -n 0 tests/test_browser.py",
     "routing_explorer_jupyterlab.png": "a screenshot in JupyterLab: MINIMOE_SCREENSHOTS=1 pytest -n 0 tests/test_browser.py",
+    "book_en.png": "a screenshot of the book: `python -m minimoe.book --screenshots`",
+    "book_ar.png": "a screenshot of the Arabic edition: `python -m minimoe.book --screenshots`",
 }
 
 

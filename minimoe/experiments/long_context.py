@@ -282,8 +282,7 @@ def main(argv=None) -> int:
     }
     results["eval"][str(L)] = {"none": {"no_finetune": evaluate(model, val_corpus, L, L, options)}}
     at_l = results["eval"][str(L)]["none"]["no_finetune"]
-    bar.write(f"  at {L}: passkey {at_l['passkey']['accuracy']:.2f}, loss {at_l['loss_by_bucket']}",
-          flush=True)
+    bar.write(f"  at {L}: passkey {at_l['passkey']['accuracy']:.2f}, loss {at_l['loss_by_bucket']}")
     for multiple in options.multiples:
         T = multiple * L
         results["eval"][str(T)] = {}
@@ -302,7 +301,7 @@ def main(argv=None) -> int:
             bar.write(f"  {T} {method:14s}: passkey {entry['no_finetune']['passkey']['accuracy']:.2f}"
                   f" -> {entry['finetune']['passkey']['accuracy']:.2f} (fine-tuned); last-bucket loss "
                   f"{entry['no_finetune']['loss_by_bucket'][-1]:.3f} -> "
-                  f"{entry['finetune']['loss_by_bucket'][-1]:.3f}", flush=True)
+                  f"{entry['finetune']['loss_by_bucket'][-1]:.3f}")
     bar.close()
     results["total_minutes"] = (time.perf_counter() - started) / 60
     write_results(results, results_path)
