@@ -70,9 +70,11 @@ class MTPModule(nn.Module):
         With a cache (decoding, ``minimoe.speculative``) the block's attention appends its
         keys/values (MLA: the latent) to this module's own cache, which then advances by T'.
         """
+        # BEGIN SOLUTION mtp-loss
         combined = torch.cat(
             [self.enorm(next_token_embeddings), self.hnorm(previous_hidden)], dim=-1
         )  # (B, T', 2C) embedding first, as in the released checkpoints
+        # END SOLUTION
         h = self.eh_proj(combined)  # (B, T', C)
         h, moe_aux = self.block(h, positions, cache)  # (B, T', C)
         if cache is not None:
@@ -96,6 +98,7 @@ def mtp_losses(model: nn.Module, hidden: torch.Tensor, input_ids: torch.Tensor,
     into router_stats / losses under "mtp.{k-1}". The weighted sum (lambda / D) * sum_k is
     the caller's (``minimoe.model.Transformer.forward``).
     """
+    # BEGIN SOLUTION mtp-loss
     T = input_ids.shape[1]
     ce_per_depth = []
     h = hidden  # h^0: the main model's last hidden state (before its final norm)
@@ -109,3 +112,4 @@ def mtp_losses(model: nn.Module, hidden: torch.Tensor, input_ids: torch.Tensor,
         ce_per_depth.append(F.cross_entropy(logits_k.float().reshape(-1, logits_k.shape[-1]),
                                             labels_k.reshape(-1), ignore_index=-100))
     return ce_per_depth
+    # END SOLUTION

@@ -162,14 +162,18 @@ def probabilities(logits: torch.Tensor, temperature: float, top_k: Optional[int]
 
 def acceptance_probability(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     """min(1, p(x) / q(x)) for the drafted token's main (p) and draft (q) probabilities."""
+    # BEGIN SOLUTION speculative-acceptance
     return torch.clamp(p / q, max=1.0)
+    # END SOLUTION
 
 
 def residual_distribution(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     """norm(max(0, p - q)): what to sample from after a rejection. p, q: (V,)."""
+    # BEGIN SOLUTION speculative-acceptance
     residual = torch.clamp(p - q, min=0.0)
     total = residual.sum()
     return residual / total if total > 0 else p
+    # END SOLUTION
 
 
 def verify_sampled(p: torch.Tensor, q: torch.Tensor, drafts: list,
@@ -180,6 +184,7 @@ def verify_sampled(p: torch.Tensor, q: torch.Tensor, drafts: list,
     drafts: m token ids with drafts[j] ~ q[j]. Returns (number accepted, next token), the
     next token drawn from the residual at the first rejection or from p[m] if none.
     """
+    # BEGIN SOLUTION speculative-acceptance
     for j, token in enumerate(drafts):
         u = torch.rand((), generator=generator)
         if u < acceptance_probability(p[j, token], q[j, token]):
@@ -188,6 +193,7 @@ def verify_sampled(p: torch.Tensor, q: torch.Tensor, drafts: list,
         return j, int(torch.multinomial(residual, 1, generator=generator))
     m = len(drafts)
     return m, int(torch.multinomial(p[m], 1, generator=generator))
+    # END SOLUTION
 
 
 @torch.no_grad()
@@ -293,10 +299,12 @@ def speculative_generate(model, input_ids: torch.Tensor, max_new_tokens: int,
         # 3. accept the longest agreeing prefix plus one token from the main model
         if greedy:
             targets = out.logits[0].argmax(dim=-1).tolist()  # (m+1,)
+            # BEGIN SOLUTION speculative-acceptance
             accepted = 0
             while accepted < m and drafts[accepted] == targets[accepted]:
                 accepted += 1
             bonus = targets[accepted]
+            # END SOLUTION
         else:
             p = probabilities(out.logits[0], temperature, top_k, top_p)  # (m+1, V)
             q = torch.stack(draft_probs) if m else p[:0]
