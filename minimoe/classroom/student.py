@@ -30,7 +30,8 @@ BEGIN = re.compile(r"^(?P<indent>[ \t]*)# BEGIN SOLUTION (?P<id>[a-z0-9-]+)[ \t]
 END = re.compile(r"^[ \t]*# END SOLUTION[ \t]*$")
 PRIVATE_TESTS = "tests/classroom_private"  # the teacher's tests: never in the student edition
 EDITION_MARK = ".minimoe-student-edition"  # written into OUT; lets a later run replace OUT
-NOTEBOOK_EXTENSION = "%load_ext minimoe.classroom.notebook  # student edition: unsolved exercises are reported"
+NOTEBOOK_EXTENSION = ("# student edition: a cell waiting for an unsolved exercise says so\n"
+                      "%load_ext minimoe.classroom.notebook")
 PLUGIN_OPTION = "-p minimoe.classroom.pytest_plugin"
 
 
