@@ -1,4 +1,4 @@
-"""python -m minimoe.classroom student OUT/ | grade PATH [--json FILE] [--timeout S] [--jobs N]."""
+"""python -m minimoe.classroom student OUT/ | grade PATH [--json FILE] [--timeout S] [--isolate] | list."""
 
 from __future__ import annotations
 
@@ -16,8 +16,11 @@ def main(argv=None) -> int:
     grade = commands.add_parser("grade", help="grade a student's copy of the repository")
     grade.add_argument("path", type=pathlib.Path, help="root of the student's copy (holds minimoe/)")
     grade.add_argument("--json", type=pathlib.Path, help="also write one record per exercise here")
-    grade.add_argument("--timeout", type=float, default=180.0, help="seconds per exercise (default 180)")
-    grade.add_argument("--jobs", type=int, default=1, help="exercises graded at once (default 1)")
+    grade.add_argument("--timeout", type=float, default=120.0,
+                       help="seconds one exercise's tests may take (default 120)")
+    grade.add_argument("--isolate", action="store_true",
+                       help="one process per exercise (slower; a crash then costs one exercise only)")
+    grade.add_argument("--jobs", type=int, default=1, help="with --isolate: processes at once (default 1)")
     grade.add_argument("--only", nargs="+", metavar="ID", help="grade these exercise ids only")
     commands.add_parser("list", help="list the exercises and where their solutions are")
     args = parser.parse_args(argv)
@@ -48,7 +51,8 @@ def main(argv=None) -> int:
         parser.error(f"--only: unknown exercise id(s) {', '.join(unknown)}; known: {', '.join(BY_ID)}")
     if args.json is not None and args.json.is_dir():
         parser.error(f"--json {args.json} is a folder; give a file name")
-    records = run_grade(args.path, timeout=args.timeout, jobs=args.jobs, only=args.only)
+    records = run_grade(args.path, timeout=args.timeout, isolate=args.isolate, jobs=args.jobs,
+                        only=args.only)
     print(format_table(records))
     if args.json is not None:
         write_json(records, args.json)

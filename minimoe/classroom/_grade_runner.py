@@ -1,17 +1,22 @@
-"""Run one exercise's tests against a student's copy (a script: the grader starts it per exercise).
+"""Run exercise tests against a student's copy (a script: the grader starts it).
 
-    python _grade_runner.py STUDENT_ROOT EXERCISE_ID RESULT_JSON RULES_FILE TEST_FILE...
+    python _grade_runner.py STUDENT_ROOT IDS RESULT_JSON RULES_FILE SECONDS TEST_FILE...
 
-It imports ``minimoe`` (and ``minimoe.kernels``, from STUDENT_ROOT/kernels) from the student's
-copy, then runs pytest on the teacher's TEST_FILEs, keeping only the tests marked
-``@pytest.mark.exercise(EXERCISE_ID)``, and writes [{nodeid, outcome, message}] to RESULT_JSON.
-It imports nothing from the teacher's package, so the student's code is what gets tested.
+IDS: exercise ids separated by commas. It imports ``minimoe`` (and ``minimoe.kernels``, from
+STUDENT_ROOT/kernels) from the student's copy, then runs pytest on the teacher's TEST_FILEs,
+keeping the tests marked ``@pytest.mark.exercise(id)`` for those ids, and writes
+[{exercise, nodeid, when, outcome, message}] to RESULT_JSON. Each exercise may spend SECONDS
+in all its tests: a SIGALRM timer interrupts the test that overruns, and the exercise's later
+tests fail at once. It imports nothing from the teacher's package, so the student's code is
+what gets tested.
 """
 
 import importlib.util
 import json
 import pathlib
+import signal
 import sys
+import time
 
 
 def import_student_package(root: pathlib.Path) -> None:
@@ -30,18 +35,46 @@ def import_student_package(root: pathlib.Path) -> None:
         minimoe.kernels = module
 
 
-class SelectExercise:
-    """pytest plugin: keep the tests of one exercise; record their outcomes."""
+class ExerciseTimeLimit(Exception):
+    """This exercise's tests used up their time."""
 
-    def __init__(self, exercise_id: str) -> None:
-        self.exercise_id = exercise_id
+
+class SelectExercises:
+    """pytest plugin: keep the tests of some exercises; time them; record their outcomes."""
+
+    def __init__(self, exercise_ids: list, seconds: float) -> None:
+        self.exercise_ids = exercise_ids
+        self.left = {exercise_id: seconds for exercise_id in exercise_ids}
+        self.seconds = seconds
         self.results = []
+        self.started = None
+
+    @staticmethod
+    def exercise_of(item):
+        marker = item.get_closest_marker("exercise")
+        return marker.args[0] if marker is not None and marker.args else None
 
     def pytest_collection_modifyitems(self, config, items):
-        keep = [item for item in items if (marker := item.get_closest_marker("exercise"))
-                and marker.args and marker.args[0] == self.exercise_id]
+        keep = [item for item in items if self.exercise_of(item) in self.left]
         config.hook.pytest_deselected(items=[item for item in items if item not in keep])
         items[:] = keep
+
+    def _alarm(self, signum, frame):
+        raise ExerciseTimeLimit(f"time limit: the exercise's tests ran past {self.seconds:.0f} s")
+
+    def pytest_runtest_setup(self, item):
+        left = self.left[self.exercise_of(item)]
+        if left <= 0:
+            raise ExerciseTimeLimit(f"time limit: the exercise's tests ran past {self.seconds:.0f} s")
+        signal.signal(signal.SIGALRM, self._alarm)
+        signal.setitimer(signal.ITIMER_REAL, left)
+        self.started = time.monotonic()
+
+    def pytest_runtest_teardown(self, item, nextitem):
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        if self.started is not None:
+            self.left[self.exercise_of(item)] -= time.monotonic() - self.started
+            self.started = None
 
     def pytest_runtest_logreport(self, report):
         if report.when == "call" or report.outcome != "passed":
@@ -49,17 +82,22 @@ class SelectExercise:
             if report.outcome != "passed":
                 crash = getattr(report.longrepr, "reprcrash", None)
                 message = crash.message if crash is not None else str(report.longrepr)
-            self.results.append({"nodeid": report.nodeid, "when": report.when,
+            exercise = next((value for key, value in report.user_properties if key == "exercise"), None)
+            self.results.append({"exercise": exercise, "nodeid": report.nodeid, "when": report.when,
                                  "outcome": report.outcome, "message": message})
+
+    def pytest_runtest_makereport(self, item, call):
+        if not any(key == "exercise" for key, _ in item.user_properties):
+            item.user_properties.append(("exercise", self.exercise_of(item)))
 
 
 def main() -> int:
-    root, exercise_id, result_file, rules = sys.argv[1:5]
-    tests = sys.argv[5:]
+    root, ids, result_file, rules, seconds = sys.argv[1:6]
+    tests = sys.argv[6:]
     import_student_package(pathlib.Path(root))
     import pytest
 
-    selector = SelectExercise(exercise_id)
+    selector = SelectExercises(ids.split(","), float(seconds))
     code = pytest.main(["-q", "-p", "no:cacheprovider", "-p", "no:xdist", "-p", "no:nbval",
                         "-o", "addopts=", "-c", rules, "--confcutdir", str(pathlib.Path(tests[0]).parent),
                         "-W", "ignore::pytest.PytestAssertRewriteWarning", *tests],
