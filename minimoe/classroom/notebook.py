@@ -32,7 +32,7 @@ def _handler(shell, etype, value, tb, tb_offset=None):
             _waiting.append(label)
         print(f"[waiting for {label}] This cell needs an exercise you have not solved yet. "
               f"Write it (EXERCISES.md says where), check it with "
-              f"`pytest tests/exercises`, restart the kernel and run again.")
+              f"`python -m minimoe.classroom grade . --only <id>`, restart the kernel and run again.")
     elif _waiting:
         # an earlier cell stopped at a stub, so names, dict entries or results it was to make
         # are missing (NameError, KeyError, ...): say so, with the error in one line

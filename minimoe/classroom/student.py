@@ -71,7 +71,7 @@ def stub_source(text: str, where: str) -> str:
     for begin, end, exercise_id, indent in reversed(regions):
         exercise = BY_ID[exercise_id]
         stub = [f"{indent}# Exercise {exercise.number} ({exercise.id}): write this part; "
-                f"check it with: pytest -p no:xdist tests/exercises -k {exercise.id.replace('-', '_')}",
+                f"check it with: python -m minimoe.classroom grade . --only {exercise.id}",
                 f"{indent}raise NotImplementedError({stub_message(exercise)!r})"]
         lines[begin:end + 1] = stub
     return "\n".join(lines)
@@ -192,8 +192,9 @@ def exercise_sheet(regions: dict[str, list[str]]) -> str:
     lines = ["# Exercises", "",
              "Each exercise is a `raise NotImplementedError(\"Exercise N: ...\")` in the package: "
              "replace it with your code. Check one exercise with "
-             "`pytest -p no:xdist tests/exercises -k <id with _>`; all of them with "
-             "`pytest -p no:xdist tests/exercises`. Until an exercise is solved, the tests and "
+             "`python -m minimoe.classroom grade . --only <id>` (a score table, as your teacher's "
+             "grader prints it); all of them with `python -m minimoe.classroom grade .`; the "
+             "tests themselves are in `tests/exercises/`. Until an exercise is solved, the tests and "
              "notebook cells that need it report `needs Exercise N` instead of failing.", "",
              "| # | id | title | points | where | notebook |", "|---|---|---|---|---|---|"]
     for exercise in EXERCISES:
