@@ -3,7 +3,7 @@
 The code of each exercise lives in the reference between ``# BEGIN SOLUTION <id>`` and
 ``# END SOLUTION`` lines; its tests are the pytest tests marked ``@pytest.mark.exercise(id)``
 (``tests/exercises/`` for students and teacher, ``tests/classroom_private/`` teacher only).
-Numbers follow the course (``book/instructor_guide.md`` has the syllabus).
+Numbers follow the course, notebook by notebook (``book/instructor_guide.md`` has the syllabus).
 """
 
 from __future__ import annotations
@@ -27,14 +27,15 @@ EXERCISES: tuple[Exercise, ...] = (
              "scores = softmax or sigmoid of the logits; the gate weights are the top-k scores, "
              "divided by their sum when norm_topk_prob, times routed_scaling_factor "
              "(DeepSeek-V3 Eq. 12-13).", "02_routing_and_balance"),
-    Exercise(2, "group-limited-routing", "Group-limited routing with -inf masking", 2,
+    Exercise(2, "sorted-dispatch", "Sort-based dispatch and combine", 3,
+             "flatten the N*k slots (drop masked ones), stable argsort by expert, bincount the "
+             "group sizes, gather the token rows, grouped_swiglu(rows, counts, experts, backend), "
+             "multiply by the gate weights, index_add_ back into an (N, C) zero tensor.",
+             "01_moe_layer"),
+    Exercise(3, "group-limited-routing", "Group-limited routing with -inf masking", 2,
              "view the biased scores as (N, n_group, E/n_group); score each group (max, or the "
              "sum of its top 2); keep the topk_group best groups and fill every other expert "
              "with -inf, not 0 (biased scores can be negative).", "02_routing_and_balance"),
-    Exercise(3, "aux-loss-free-bias", "The auxiliary-loss-free bias update", 2,
-             "under torch.no_grad: delta = rate * sign(mean load - load); subtract its mean when "
-             "zero_mean; add it to the bias in place (DeepSeek-V3 Section 2.1.2).",
-             "02_routing_and_balance"),
     Exercise(4, "switch-aux-loss", "The Switch auxiliary loss", 1,
              "E * sum_i f_i * P_i with f_i = count_i / (N k) from bincount of topk_idx and P_i "
              "the mean probability of expert i over tokens; it is 1 for uniform routing.",
@@ -43,16 +44,15 @@ EXERCISES: tuple[Exercise, ...] = (
              "per sequence: f_i = E / (k T) * (times i is chosen), P_i = mean over t of the "
              "scores normalised over experts; sum_i f_i P_i, averaged over the batch "
              "(DeepSeek-V3 Eq. 17-20).", "02_routing_and_balance"),
-    Exercise(6, "capacity-dropping", "Capacity factor and token dropping", 3,
+    Exercise(6, "aux-loss-free-bias", "The auxiliary-loss-free bias update", 2,
+             "under torch.no_grad: delta = rate * sign(mean load - load); subtract its mean when "
+             "zero_mean; add it to the bias in place (DeepSeek-V3 Section 2.1.2).",
+             "02_routing_and_balance"),
+    Exercise(7, "capacity-dropping", "Capacity factor and token dropping", 3,
              "C = expert_capacity(...); rank each token's slots by decreasing weight; queue all "
              "first choices in token order, then all second choices...; a cumulative count per "
              "expert (one_hot.cumsum) gives each slot's place; keep it when place < C.",
-             "01_moe_layer"),
-    Exercise(7, "sorted-dispatch", "Sort-based dispatch and combine", 3,
-             "flatten the N*k slots (drop masked ones), stable argsort by expert, bincount the "
-             "group sizes, gather the token rows, grouped_swiglu(rows, counts, experts, backend), "
-             "multiply by the gate weights, index_add_ back into an (N, C) zero tensor.",
-             "01_moe_layer"),
+             "02_routing_and_balance"),
     Exercise(8, "mla-absorption", "MLA weight absorption (absorbed decode equals naive)", 3,
              "q_latent = einsum('bhtn,hnc->bhtc', q_nope, W_UK); scores = q_latent c_kv^T + "
              "q_pe k_pe^T, times self.scale, causal mask when T > 1, softmax in float32; "

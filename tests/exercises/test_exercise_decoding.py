@@ -1,4 +1,4 @@
-"""Exercises 10-11: the MTP loss (embedding-first concatenation) and speculative acceptance.
+"""Exercises mtp-loss and speculative-acceptance: the MTP loss (embedding-first concatenation) and speculative acceptance.
 
 References: the MTP chain written out here (DeepSeek-V3 Eq. 21-24, embedding first as in the
 released checkpoints); hand-worked acceptance cases; the distribution speculative sampling must

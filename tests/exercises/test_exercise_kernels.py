@@ -1,4 +1,4 @@
-"""Exercise 13: the Triton RMSNorm forward kernel, run on the CPU by Triton's interpreter.
+"""Exercise triton-rmsnorm: the Triton RMSNorm forward kernel, run on the CPU by Triton's interpreter.
 
 TRITON_INTERPRET must be set before triton is first imported (see tests/test_kernels_rmsnorm.py);
 the reference is the formula y = x / sqrt(mean(x^2) + eps) * w written out here.

@@ -1,4 +1,4 @@
-"""Exercises 7-9: sort-based dispatch, MLA weight absorption, the YaRN ramp and mscale.
+"""Exercises sorted-dispatch, mla-absorption, yarn: sort-based dispatch, MLA weight absorption, the YaRN ramp and mscale.
 
 References: the dispatch written as a loop over token-slots with the SwiGLU formula; the
 'naive' MLA mode (per-head keys and values, no absorption); YaRN's formulas (Peng et al.

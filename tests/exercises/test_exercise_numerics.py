@@ -1,4 +1,4 @@
-"""Exercise 12: FP8 1x128 activation quantisation, against a loop over tiles.
+"""Exercise fp8-act-quant: FP8 1x128 activation quantisation, against a loop over tiles.
 
 Reference (DeepSeek-V3 Section 3.3.2, its ``act_quant``): per row and per 128 columns,
 s = max(amax, 1e-4) / 448 (ue8m0: rounded up to a power of two), q = cast_e4m3(x / s).

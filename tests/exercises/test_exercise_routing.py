@@ -1,4 +1,5 @@
-"""Exercises 1-6: router scores and gate weights, group-limited routing, the bias update, the
+"""Exercises router-scoring, group-limited-routing, aux-loss-free-bias, switch-aux-loss,
+sequence-aux-loss, capacity-dropping: router scores and gate weights, group-limited routing, the bias update, the
 Switch and sequence-wise balance losses, capacity and dropping.
 
 Every expected value comes from the formula written out here (or a hand-worked case), never
