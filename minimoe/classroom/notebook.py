@@ -14,7 +14,7 @@ from __future__ import annotations
 import re
 
 # the stub's message, also inside a wrapping error (Triton's interpreter wraps it)
-UNSOLVED = re.compile(r"NotImplementedError(?:: |\(['\"])Exercise (\d+): ([^.\n]*)")
+UNSOLVED = re.compile(r"Exercise (\d+): ([^\n]*?)\. Hint: ")
 _waiting: list[str] = []  # exercises this kernel has met unsolved
 _reported = [False]  # the running cell's error was reported as waiting for an exercise
 

@@ -1,8 +1,9 @@
 """pytest plugin of the student edition: a test stopped by an unsolved exercise is skipped.
 
 The student edition's pyproject.toml loads it (``-p minimoe.classroom.pytest_plugin``). A test
-that fails because it reached a stub -- ``NotImplementedError: Exercise N: ...`` anywhere in
-its failure report, also wrapped (Triton's interpreter), from a subprocess or a notebook cell -- is reported as skipped with
+that fails because it reached a stub -- the stub's message ``Exercise N: title. Hint: ...``
+anywhere in its failure report or captured output, also wrapped (Triton's interpreter), from
+a subprocess, a command-line error or a notebook cell -- is reported as skipped with
 the reason "needs Exercise N", so the rest of the suite stays green while exercises are open.
 Tests marked ``@pytest.mark.exercise`` are never converted: they are the ones that must fail
 until the exercise is solved. In the reference no stub exists, so nothing is ever converted.
@@ -14,8 +15,9 @@ import re
 
 import pytest
 
-# "NotImplementedError: Exercise 3: ..." or, wrapped (Triton's interpreter), "NotImplementedError('Exercise 3: ..."
-UNSOLVED = re.compile(r"NotImplementedError(?:: |\(['\"])(Exercise (\d+): [^.\n]*)")
+# the stub's message "Exercise N: title. Hint: ...", however it was passed on (a traceback,
+# Triton's interpreter wrapping it, a command-line error line, a table a script printed)
+UNSOLVED = re.compile(r"(Exercise (\d+): [^\n]*?)\. Hint: ")
 
 
 def unsolved_exercise(report_text: str):
@@ -34,7 +36,8 @@ def pytest_runtest_makereport(item, call):
     report = outcome.get_result()
     if not report.failed or item.get_closest_marker("exercise") is not None:
         return
-    needed = unsolved_exercise(str(report.longrepr))
+    printed = "\n".join(content for _, content in report.sections)  # captured output
+    needed = unsolved_exercise(f"{report.longrepr}\n{printed}")
     if needed is not None:
         report.outcome = "skipped"
         report.longrepr = (str(item.path), item.location[1] or 0, f"needs {needed}")

@@ -9,7 +9,7 @@ A region is the lines strictly between ``# BEGIN SOLUTION <id>`` and ``# END SOL
 at the BEGIN line's indentation, so a region inside a function body keeps the module
 importable. ``write_student_edition`` copies the repository's files (git's list: tracked and
 untracked-but-not-ignored), stubs every region in .py files and notebook code cells, leaves
-out ``PRIVATE_TESTS`` (the teacher's own tests), and adapts the notebooks and pyproject.toml
+out ``LEFT_OUT`` (the teacher's own tests, the classroom's checks), and adapts the notebooks and pyproject.toml
 so that work waiting for an exercise says so (see the package docstring). The output depends
 on the input files only: running it twice gives byte-identical files.
 """
@@ -29,6 +29,8 @@ from minimoe.classroom.exercises import BY_ID, EXERCISES, stub_message
 BEGIN = re.compile(r"^(?P<indent>[ \t]*)# BEGIN SOLUTION (?P<id>[a-z0-9-]+)[ \t]*$")
 END = re.compile(r"^[ \t]*# END SOLUTION[ \t]*$")
 PRIVATE_TESTS = "tests/classroom_private"  # the teacher's tests: never in the student edition
+# also left out: the classroom's own checks, which need the reference's solutions and git
+LEFT_OUT = (PRIVATE_TESTS + "/", "tests/test_classroom.py")
 EDITION_MARK = ".minimoe-student-edition"  # written into OUT; lets a later run replace OUT
 NOTEBOOK_EXTENSION = ("# student edition: a cell waiting for an unsolved exercise says so\n"
                       "%load_ext minimoe.classroom.notebook")
@@ -86,7 +88,7 @@ def repository_files(root: pathlib.Path) -> list[str]:
     except (OSError, subprocess.CalledProcessError) as error:
         raise RuntimeError(f"{root} must be a git checkout of minimoe (git ls-files failed: {error})")
     names = sorted({name for name in listing.decode().split("\0") if name})
-    return [name for name in names if (root / name).is_file() and not name.startswith(PRIVATE_TESTS + "/")]
+    return [name for name in names if (root / name).is_file() and not name.startswith(LEFT_OUT)]
 
 
 def solution_regions(root: pathlib.Path) -> dict[str, list[str]]:
