@@ -101,10 +101,12 @@ def switch_aux_loss(probs: torch.Tensor, topk_idx: torch.Tensor) -> torch.Tensor
     """
     N, E = probs.shape
     k = topk_idx.shape[1]
+    # BEGIN SOLUTION switch-aux-loss
     counts = torch.bincount(topk_idx.reshape(-1), minlength=E).to(probs.dtype)  # (E,)
     slot_fraction = counts / (N * k)  # (E,)  f_i
     mean_prob = probs.mean(dim=0)  # (E,)  P_i
     return E * (slot_fraction * mean_prob).sum()
+    # END SOLUTION
 
 
 def sequence_aux_loss(scores: torch.Tensor, topk_idx: torch.Tensor) -> torch.Tensor:
@@ -118,6 +120,7 @@ def sequence_aux_loss(scores: torch.Tensor, topk_idx: torch.Tensor) -> torch.Ten
     """
     B, T, E = scores.shape
     k = topk_idx.shape[-1]
+    # BEGIN SOLUTION sequence-aux-loss
     normalised = scores / scores.sum(dim=-1, keepdim=True)  # (B, T, E)  s'
     mean_prob = normalised.mean(dim=1)  # (B, E)  P_i per sequence
     one_hot_slots = torch.zeros(B, T * k, E, dtype=scores.dtype, device=scores.device)  # (B, T*k, E)
@@ -125,6 +128,7 @@ def sequence_aux_loss(scores: torch.Tensor, topk_idx: torch.Tensor) -> torch.Ten
     counts = one_hot_slots.sum(dim=1)  # (B, E)
     frequency = counts * (E / (k * T))  # (B, E)  f_i per sequence
     return (frequency * mean_prob).sum(dim=-1).mean()
+    # END SOLUTION
 
 
 def router_z_loss(logits: torch.Tensor) -> torch.Tensor:
@@ -150,12 +154,14 @@ def update_expert_bias(
     bias (E,) is modified in place without autograd; tokens_per_expert (E,) are the counts
     (or fractions: only their order relative to the mean matters) of the last step.
     """
+    # BEGIN SOLUTION aux-loss-free-bias
     with torch.no_grad():
         load = tokens_per_expert.to(device=bias.device, dtype=torch.float32)  # (E,)
         delta = rate * torch.sign(load.mean() - load)  # (E,)
         if zero_mean:
             delta = delta - delta.mean()  # (E,)
         bias.add_(delta.to(bias.dtype))
+    # END SOLUTION
 
 
 def expert_capacity(n_tokens: int, k: int, n_experts: int, capacity_factor: float) -> int:
@@ -179,6 +185,7 @@ def capacity_keep_mask(
     N, k = topk_idx.shape
     capacity = expert_capacity(N, k, n_experts, capacity_factor)
 
+    # BEGIN SOLUTION capacity-dropping
     # 1. A token's choice rank: its slots sorted by decreasing weight (stable for ties).
     rank_order = torch.sort(topk_weight, dim=-1, descending=True, stable=True).indices  # (N, k)
     ranked_experts = topk_idx.gather(1, rank_order)  # (N, k)  [t, r] = expert of t's r-th choice
@@ -193,6 +200,7 @@ def capacity_keep_mask(
     keep = torch.empty_like(keep_ranked)  # (N, k)
     keep.scatter_(1, rank_order, keep_ranked)
     return keep
+    # END SOLUTION
 
 
 def router_stats(

@@ -320,6 +320,7 @@ class MultiHeadLatentAttention(nn.Module):
             c_kv = history["c_kv"]  # (B, S, d_c)
             k_pe = history["k_pe"]  # (B, S, rope)
         S = c_kv.shape[1]
+        # BEGIN SOLUTION mla-absorption
         w_uk, w_uv = self.absorbed_weights()  # (H, n, c), (H, v, c)
 
         # step 1: the query moved into latent space, q^L = (W^UK)^T q^C
@@ -338,3 +339,4 @@ class MultiHeadLatentAttention(nn.Module):
         # step 3: attend over the latents, then decompress once per head
         out_latent = (weights.view(B, H * T, S) @ c_kv).view(B, H, T, -1)  # (B, H, T, d_c)
         return torch.einsum("bhtc,hvc->bhtv", out_latent, w_uv)  # (B, H, T, v_dim)
+        # END SOLUTION

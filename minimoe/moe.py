@@ -347,6 +347,7 @@ def dispatch_sorted(
     if backend not in GROUPED_MM_BACKENDS:
         raise ValueError(f"backend must be one of {GROUPED_MM_BACKENDS}, got {backend!r}")
 
+    # BEGIN SOLUTION sorted-dispatch
     # 1. one entry per computed token-slot; slot s belongs to token s // k
     slot = torch.arange(N * k, device=x.device)  # (N*k,)
     expert_of_slot = topk_idx.reshape(-1)  # (N*k,)
@@ -372,6 +373,7 @@ def dispatch_sorted(
     # 5. combine: one scatter-add back to the tokens (float32 accumulation)
     out = torch.zeros(N, C, dtype=_output_dtype(x, topk_weight), device=x.device)  # (N, C)
     return out.index_add_(0, token, y.to(out.dtype))  # (N, C)
+    # END SOLUTION
 
 
 # ----------------------------------------------------------------------------------------------

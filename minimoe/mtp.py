@@ -117,9 +117,11 @@ class MTPModule(nn.Module):
         With a cache (decoding, ``minimoe.speculative``) the block's attention appends its
         keys/values (MLA: the latent) to this module's own cache, which then advances by T'.
         """
+        # BEGIN SOLUTION mtp-loss
         combined = torch.cat(
             [self.enorm(next_token_embeddings), self.hnorm(previous_hidden)], dim=-1
         )  # (B, T', 2C) embedding first, as in the released checkpoints
+        # END SOLUTION
         h = self.eh_proj(combined)  # (B, T', C)
         h, moe_aux = self.block(h, positions, cache)  # (B, T', C)
         if cache is not None:
@@ -151,6 +153,7 @@ def mtp_depths(model: nn.Module, hidden: torch.Tensor, input_ids: torch.Tensor,
     each depth is one position shorter than the last. hidden (B, T, C) is the main model's
     last state before its final norm (``ModelOutput.hidden``).
     """
+    # BEGIN SOLUTION mtp-loss
     T = input_ids.shape[1]
     h = first_input(model, hidden)  # (B, T, C) h^0
     for k, module in enumerate(model.mtp, start=1):
@@ -159,6 +162,7 @@ def mtp_depths(model: nn.Module, hidden: torch.Tensor, input_ids: torch.Tensor,
         out, moe_aux = module(h, next_embeddings, positions[: T - k])  # (B, T-k, C)
         yield k, module.logits(out, model.lm_head), moe_aux  # (B, T-k, V) shared output head
         h = next_input(model.cfg, module, out)  # (B, T-k, C) h^k for depth k+1
+    # END SOLUTION
 
 
 def mtp_losses(model: nn.Module, hidden: torch.Tensor, input_ids: torch.Tensor,
@@ -171,6 +175,7 @@ def mtp_losses(model: nn.Module, hidden: torch.Tensor, input_ids: torch.Tensor,
     under "mtp.{k-1}". The weighted sum (lambda / D) * sum_k is the caller's
     (``minimoe.model.Transformer.forward``).
     """
+    # BEGIN SOLUTION mtp-loss
     ce_per_depth = []
     for k, logits_k, moe_aux in mtp_depths(model, hidden, input_ids, positions):
         merge_moe_aux(f"mtp.{k - 1}", moe_aux, router_stats, losses)
@@ -178,6 +183,7 @@ def mtp_losses(model: nn.Module, hidden: torch.Tensor, input_ids: torch.Tensor,
         ce_per_depth.append(F.cross_entropy(logits_k.float().reshape(-1, logits_k.shape[-1]),
                                             labels_k.reshape(-1), ignore_index=-100))
     return ce_per_depth
+    # END SOLUTION
 
 
 @torch.no_grad()

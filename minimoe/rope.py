@@ -200,7 +200,9 @@ def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
     """YaRN's temperature factor 0.1 * mscale * ln(scale) + 1 (1 when scale <= 1)."""
     if scale <= 1:
         return 1.0
+    # BEGIN SOLUTION yarn
     return 0.1 * mscale * math.log(scale) + 1.0
+    # END SOLUTION
 
 
 def yarn_correction_dim(num_rotations: float, rotary_dim: int, theta: float,
@@ -282,6 +284,7 @@ class RotaryEmbedding(nn.Module):
         mscale = rope_scaling.get("mscale")
         mscale_all_dim = rope_scaling.get("mscale_all_dim")
 
+        # BEGIN SOLUTION yarn
         # 1. the ramp: 0 for fast pairs (keep f_i), 1 for slow pairs (f_i / s)
         low, high = yarn_correction_range(beta_fast, beta_slow, self.rotary_dim, self.theta,
                                           original, rope_scaling.get("truncate", True))
@@ -291,6 +294,7 @@ class RotaryEmbedding(nn.Module):
         pair_index = torch.arange(self.rotary_dim // 2, dtype=torch.float32)  # (rotary_dim/2,)
         ramp = ((pair_index - low) / (high - low)).clamp(0, 1)  # (rotary_dim/2,)
         inv_freq = inv_freq / factor * ramp + inv_freq * (1 - ramp)  # (rotary_dim/2,)
+        # END SOLUTION
 
         # 2. the temperature: which knob carries it depends on the config keys
         if rope_scaling.get("attention_factor") is not None:

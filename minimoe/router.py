@@ -178,6 +178,7 @@ def select_experts(
         if topk_group * per_group < k:
             raise ValueError(f"topk_group={topk_group} groups of {per_group} experts hold fewer "
                              f"than k={k} experts")
+        # BEGIN SOLUTION group-limited-routing
         grouped = choice_scores.view(N, n_group, per_group)  # (N, G, E/G)
         if group_score == "max":
             group_scores = grouped.max(dim=-1).values  # (N, G)
@@ -190,6 +191,7 @@ def select_experts(
         group_keep.scatter_(1, kept_groups, True)
         expert_keep = group_keep.unsqueeze(-1).expand(N, n_group, per_group).reshape(N, E)  # (N, E)
         choice_scores = choice_scores.masked_fill(~expert_keep, float("-inf"))  # (N, E)
+        # END SOLUTION
 
     return choice_scores.topk(k, dim=-1).indices  # (N, k)
 
@@ -207,10 +209,12 @@ def gate_weights(
         w_j = w_j / (sum_j w_j + 1e-20)     if norm_topk_prob (DeepSeek-V3 Eq. 13)
         w_j = w_j * routed_scaling_factor
     """
+    # BEGIN SOLUTION router-scoring
     weights = scores.gather(1, topk_idx)  # (N, k)
     if norm_topk_prob:
         weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)  # (N, k)
     return weights * routed_scaling_factor  # (N, k)
+    # END SOLUTION
 
 
 class Router(nn.Module):
@@ -271,10 +275,12 @@ class Router(nn.Module):
             return RouterOutput(topk_idx=topk_idx, topk_weight=topk_weight, scores=scores,
                                 logits=logits)
 
+        # BEGIN SOLUTION router-scoring
         if self.scoring_func == "softmax":
             scores = logits.softmax(dim=-1)  # (N, E)
         else:
             scores = logits.sigmoid()  # (N, E)
+        # END SOLUTION
 
         with torch.no_grad():  # the choice is discrete: no gradient flows through it
             topk_idx = select_experts(

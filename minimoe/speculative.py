@@ -163,14 +163,18 @@ def probabilities(logits: torch.Tensor, temperature: float, top_k: Optional[int]
 
 def acceptance_probability(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     """min(1, p(x) / q(x)) for the drafted token's main (p) and draft (q) probabilities."""
+    # BEGIN SOLUTION speculative-acceptance
     return torch.clamp(p / q, max=1.0)
+    # END SOLUTION
 
 
 def residual_distribution(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     """norm(max(0, p - q)): what to sample from after a rejection. p, q: (V,)."""
+    # BEGIN SOLUTION speculative-acceptance
     residual = torch.clamp(p - q, min=0.0)
     total = residual.sum()
     return residual / total if total > 0 else p
+    # END SOLUTION
 
 
 def verify_sampled(p: torch.Tensor, q: torch.Tensor, drafts: list,
@@ -181,6 +185,7 @@ def verify_sampled(p: torch.Tensor, q: torch.Tensor, drafts: list,
     drafts: m token ids with drafts[j] ~ q[j]. Returns (number accepted, next token), the
     next token drawn from the residual at the first rejection or from p[m] if none.
     """
+    # BEGIN SOLUTION speculative-acceptance
     for j, token in enumerate(drafts):
         u = torch.rand((), generator=generator)
         if u < acceptance_probability(p[j, token], q[j, token]):
@@ -189,6 +194,7 @@ def verify_sampled(p: torch.Tensor, q: torch.Tensor, drafts: list,
         return j, int(torch.multinomial(residual, 1, generator=generator))
     m = len(drafts)
     return m, int(torch.multinomial(p[m], 1, generator=generator))
+    # END SOLUTION
 
 
 class DraftDepths:
@@ -273,9 +279,11 @@ class Sampler:
         m = len(drafts)
         if self.greedy:
             targets = main_logits.argmax(dim=-1).tolist()  # (m+1,)
+            # BEGIN SOLUTION speculative-acceptance
             accepted = 0
             while accepted < m and drafts[accepted] == targets[accepted]:
                 accepted += 1
+            # END SOLUTION
             return accepted, targets[accepted]
         p = probabilities(main_logits, self.temperature, self.top_k, self.top_p)  # (m+1, V)
         q = torch.stack(draft_probs) if m else p[:0]

@@ -75,6 +75,7 @@ FOREIGN_PREFIXES = {
     "transformers",                # the Hugging Face implementations we compare with
     "np", "numpy",                 # numpy (the standard library's modules are never ours)
     "huggingface_hub", "bitsandbytes", "safetensors",  # libraries named for comparison
+    "pytest",                      # the test runner (the classroom's markers and plugin)
 }
 FOREIGN = {
     # transformers classes and helpers, named as the reference we match
