@@ -195,7 +195,8 @@ def speculative_generate(model, input_ids: torch.Tensor, max_new_tokens: int,
                          num_draft_tokens: Optional[int] = None, temperature: float = 0.0,
                          top_k: Optional[int] = None, top_p: Optional[float] = None,
                          generator: Optional[torch.Generator] = None,
-                         eos_token_id: Optional[int] = None, min_draft_confidence: float = 0.0):
+                         eos_token_id: Optional[int] = None, min_draft_confidence: float = 0.0,
+                         compile: bool = False):
     """Decode with the model's MTP modules as drafters; returns (ids (1, T + new), stats).
 
     num_draft_tokens: drafts per step (default D = number of MTP modules); more than D
@@ -203,7 +204,9 @@ def speculative_generate(model, input_ids: torch.Tensor, max_new_tokens: int,
     otherwise the output is distributed as the main model's sampling distribution (with the
     same temperature, top-k and top-p). min_draft_confidence: stop drafting a step early
     once a draft's own probability (under its module's distribution) falls below this
-    value (0 = always draft num_draft_tokens). See the module docstring for the algorithm.
+    value (0 = always draft num_draft_tokens). compile=True runs the main model (its verify
+    pass of 1 + drafts tokens) and the modules over pre-allocated caches with compiled steps
+    (``minimoe.static_cache``). See the module docstring for the algorithm.
     """
     if input_ids.dim() != 2 or input_ids.shape[0] != 1 or input_ids.shape[1] == 0:
         raise ValueError(f"speculative decoding takes one non-empty sequence (1, T), got "
@@ -232,6 +235,12 @@ def speculative_generate(model, input_ids: torch.Tensor, max_new_tokens: int,
     draft_caches = [KVCache(cache_layers) for _ in modules]
     committed = [0] * (num_drafts + 1)
     main_cache = KVCache(len(model.layers))
+    main = model  # what runs the main model: the model itself, or its compiled static step
+    if compile:
+        from minimoe.static_cache import speculative_parts
+
+        main, main_cache, modules, draft_caches = speculative_parts(
+            model, modules, input_ids.shape[1] + max_new_tokens + num_drafts)
 
     def pick(logits: torch.Tensor) -> tuple[int, Optional[torch.Tensor]]:
         """logits (V,) -> (token, its distribution or None when greedy)."""
@@ -249,7 +258,7 @@ def speculative_generate(model, input_ids: torch.Tensor, max_new_tokens: int,
         return float(probs[token])
 
     # prefill: the prompt through the main model gives h^0 and the first token
-    out = model(input_ids, cache=main_cache)
+    out = main(input_ids, cache=main_cache)
     stats.main_forwards += 1
     hidden = [out.hidden] + [None] * num_drafts  # hidden[j]: (1, positions, C)
     first, _ = pick(out.logits[0, -1])
@@ -288,7 +297,7 @@ def speculative_generate(model, input_ids: torch.Tensor, max_new_tokens: int,
         m = len(drafts)
         # 2. verify: one main pass over [t_{N-1}, d_1..d_m]
         verify_ids = torch.tensor([tokens[-1:] + drafts], device=device)  # (1, m+1)
-        out = model(verify_ids, cache=main_cache)
+        out = main(verify_ids, cache=main_cache)
         stats.main_forwards += 1
         # 3. accept the longest agreeing prefix plus one token from the main model
         if greedy:

@@ -39,9 +39,9 @@ black box (``torch.library.custom_op``, the "Python custom operators" tutorial):
 * its fake function says what the compiler needs to know: the result is (M, N) in a's
   dtype, nothing more -- no dtype check, so float32 traces;
 * its backward is a second custom op, ``minimoe::grouped_mm_backward``, whose eager body
-  lets autograd differentiate ``torch._grouped_mm`` itself (dA = GMM(dY, B^T) and
-  dB_e = A_e^T dY_e, the grouped products ``minimoe.moe`` describes) and whose fake
-  function returns tensors shaped like a and b.
+  runs the two grouped products of the gradient with ``torch._grouped_mm`` (dA = GMM(dY,
+  B^T) and dB_e = A_e^T dY_e, as ``minimoe.moe`` describes) and whose fake function
+  returns tensors shaped like a and b.
 
 Inductor then compiles everything around the two calls (router, gathers, SwiGLU, combine)
 and calls the eager kernel for the grouped products themselves. In eager mode
@@ -92,12 +92,13 @@ def _grouped_mm_fake(a, b, offs):
 @torch.library.custom_op("minimoe::grouped_mm_backward", mutates_args=())
 def grouped_mm_backward(grad: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
                         offs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(dL/da (M, K), dL/db (E, K, N)) for out = grouped_mm(a, b, offs) and dL/dout = grad."""
-    with torch.enable_grad():
-        a_ = a.detach().requires_grad_()
-        b_ = b.detach().requires_grad_()
-        out = torch._grouped_mm(a_, b_, offs=offs)  # (M, N)
-        grad_a, grad_b = torch.autograd.grad(out, (a_, b_), grad.contiguous())
+    """(dL/da (M, K), dL/db (E, K, N)) for out = grouped_mm(a, b, offs) and dL/dout = grad.
+
+    Both are grouped products over the same blocks: dA_e = dY_e B_e^T, and dB_e = A_e^T dY_e,
+    which ``torch._grouped_mm`` computes from two 2-D operands split along M by offs."""
+    grad = grad.contiguous()  # (M, N)
+    grad_a = torch._grouped_mm(grad, b.transpose(-2, -1), offs=offs)  # (M, K)
+    grad_b = torch._grouped_mm(a.transpose(0, 1), grad, offs=offs)  # (E, K, N)
     return grad_a.contiguous(), grad_b.contiguous()
 
 
