@@ -53,6 +53,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=defaults.device, help="auto | cpu | cuda | mps")
     parser.add_argument("--dtype", default=defaults.dtype, choices=["fp32", "bf16"])
     parser.add_argument("--grad-checkpointing", action="store_true")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the training "
+                        "step (pays the compilation once; see notebooks/results/vs_transformers.md)")
     parser.add_argument("--fp8", action="store_true", help="FP8 GEMMs for the experts and "
                         "attention projections (ModelConfig.fp8, minimoe.fp8; simulated on a CPU)")
     parser.add_argument("--resume", action="store_true", help="continue from --out")
@@ -82,7 +84,7 @@ def command_train(options: argparse.Namespace) -> int:
         eval_every=options.eval_every, seed=options.seed, device=options.device,
         dtype=options.dtype, grad_checkpointing=options.grad_checkpointing,
         resume=options.resume, max_minutes=options.max_minutes or None,
-        progress=not options.no_progress,
+        progress=not options.no_progress, compile=options.compile,
     )
     model, history, (_, val_corpus) = train(args)
     cfg = model.cfg

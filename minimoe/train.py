@@ -81,6 +81,7 @@ class TrainArgs:
     mtp_loss_weight_after: float = 0.1
     progress: bool = True
     save: bool = True
+    compile: bool = False  # torch.compile the training forward (and so its backward)
 
 
 def pick_device(requested: str = "auto") -> torch.device:
@@ -216,6 +217,7 @@ def train(args: TrainArgs, on_step: Optional[Callable[[dict], None]] = None):
         cfg = ModelConfig.preset(args.preset, **args.config_overrides)
         model = Transformer(cfg).to(device)  # cfg.fp8 converts the GEMMs to FP8 (minimoe.fp8)
     model.gradient_checkpointing = args.grad_checkpointing
+    forward = torch.compile(model) if args.compile else model  # same parameters, compiled
     optimizer = make_optimizer(model, args)
     if args.resume and checkpoint_exists:
         optimizer.load_state_dict(
@@ -243,7 +245,7 @@ def train(args: TrainArgs, on_step: Optional[Callable[[dict], None]] = None):
         for _ in range(args.grad_accum):
             x, y, _ = data_lib.sample_batch(train_corpus, args.batch_size, args.seq_len, generator)
             with autocast:
-                out = model(x.to(device), targets=y.to(device))
+                out = forward(x.to(device), targets=y.to(device))
             (out.loss / args.grad_accum).backward()
             for name, value in out.aux["losses"].items():
                 value = value.detach() if torch.is_tensor(value) else value
