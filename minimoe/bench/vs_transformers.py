@@ -213,9 +213,10 @@ def main(argv=None) -> int:
         source = f"checkpoint {options.checkpoint}"
     else:  # random weights give near-flat logits, whose argmax float rounding can flip
         steps = 20 if options.quick else options.train_steps
-        args = TrainArgs(preset="toy", steps=steps, batch_size=8, seq_len=64, eval_every=10**9,
-                         corpus_tokens=200_000, progress=False, save=False,
-                         out_dir=tempfile.mkdtemp())
+        overrides = {"num_hidden_layers": 2} if options.quick else {}
+        args = TrainArgs(preset="toy", config_overrides=overrides, steps=steps, batch_size=8,
+                         seq_len=64, eval_every=10**9, corpus_tokens=200_000, progress=False,
+                         save=False, out_dir=tempfile.mkdtemp())
         model, _, _ = train(args)
         source = f"toy trained here for {steps} steps of 8x64 tokens"
     model.eval()
