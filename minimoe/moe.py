@@ -66,6 +66,28 @@ The CPU ``_grouped_mm`` is itself a loop of per-group matmuls inside C++; its va
 that the same call becomes one kernel on a GPU. Autograd differentiates it with grouped
 products again: dA = GMM(dY, W^T) and dW_e = A_e^T dY_e over the same blocks.
 
+torch.compile
+-------------
+Compiling the model traces this module with fake tensors (``minimoe.traceable`` explains the
+mechanism). Three things here would stop it, and each has a cure chosen to leave the eager
+code as it reads:
+
+* ``torch._grouped_mm``'s meta function on the CPU build of torch 2.13 accepts bfloat16 only,
+  although its kernel runs float32: tracing the float32 sorted dispatch failed. While
+  compiling, ``grouped_swiglu`` calls the same kernel through the custom op
+  ``minimoe::grouped_mm`` (``minimoe.traceable``), whose fake function states only the
+  output's shape, and whose backward is the same grouped products. (The "loop" backend
+  would trace too, but ``counts.tolist()`` reads data: a graph break per layer.)
+* ``torch.bincount(..., minlength=E)`` has a data-dependent length; the counts come from a
+  scatter-add into E zeros instead (``count_per_expert``), the same numbers in both modes.
+* The index check reads values (``int(min)``); compiled, it is an assertion inside the graph.
+
+With these, ``torch._dynamo.explain`` finds no graph break in a training forward of the toy
+with the sorted dispatch (MLA, GQA and MHA alike). The naive dispatch keeps its breaks:
+``torch.where(topk_idx == e)`` has as many rows as tokens chose expert e, a shape only the
+data decides; compiled, it runs as one small graph per expert visit (19 breaks for the
+toy), correct but no faster -- compile the sorted dispatch.
+
 What the sorted path costs on a CPU
 -----------------------------------
 Both dispatches do the same arithmetic: 3 matmuls of 2 M C I flops forward, 6 backward
