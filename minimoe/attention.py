@@ -81,6 +81,16 @@ def causal_mask(num_queries: int, num_keys: int, past: int, device=None) -> torc
     return key_positions <= query_positions  # (T_q, T_k)
 
 
+def static_cache_mask(cache) -> torch.Tensor | None:
+    """(T, max_length) bool from a pre-allocated cache (``minimoe.static_cache``), else None.
+
+    Such a cache returns every slot, written or not, so that shapes never change; it knows
+    the new tokens' positions and masks the slots after them (a plain KVCache returns
+    exactly the history and the causal mask follows from its length)."""
+    mask = getattr(cache, "attention_mask", None)
+    return mask() if mask is not None else None
+
+
 def repeat_kv(x: torch.Tensor, num_repeats: int) -> torch.Tensor:
     """(B, H_kv, T, D) -> (B, H_kv * num_repeats, T, D): head h reads KV head h // num_repeats."""
     if num_repeats == 1:
@@ -174,21 +184,24 @@ class Attention(nn.Module):
 
         # 4. with a cache: store the new K/V (time on dim 1), attend to the whole history
         past = 0
+        allowed = None  # (T, T_all) bool when the cache says which slots each query sees
         if cache is not None:
             history = cache.append(self.layer_index, k=k.transpose(1, 2), v=v.transpose(1, 2))
             k = history["k"].transpose(1, 2)  # (B, H_kv, T_all, D)
             v = history["v"].transpose(1, 2)  # (B, H_kv, T_all, D)
             past = k.shape[2] - T
+            allowed = static_cache_mask(cache)  # a pre-allocated cache: all slots, masked
 
         # 5. GQA: each KV head serves num_kv_groups query heads
         k = repeat_kv(k, self.num_kv_groups)  # (B, H, T_all, D)
         v = repeat_kv(v, self.num_kv_groups)  # (B, H, T_all, D)
 
         # 6. causal softmax(Q K^T * scale) V
-        if past == 0:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, scale=self.scale)
+        if past == 0 and allowed is None:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=bool(T > 1), scale=self.scale)
         else:
-            allowed = causal_mask(T, k.shape[2], past, device=x.device)  # (T, T_all)
+            if allowed is None:
+                allowed = causal_mask(T, k.shape[2], past, device=x.device)  # (T, T_all)
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=self.scale)
         # out: (B, H, T, D)
 

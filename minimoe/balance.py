@@ -89,6 +89,8 @@ from typing import Optional
 
 import torch
 
+from minimoe.traceable import count_per_expert
+
 
 def switch_aux_loss(probs: torch.Tensor, topk_idx: torch.Tensor) -> torch.Tensor:
     """The Switch/GShard load-balancing loss; a scalar (1 for uniform routing).
@@ -218,26 +220,28 @@ def router_stats(
       max_vio           float       (max_i load_i - mean load) / mean load   (Wang et al. 2024)
       dropped_fraction  float       1 - kept slots / (N k)
       entropy           float       1/N * sum_t -sum_i p_{t,i} ln p_{t,i}, p = probs / sum probs
+    (the three floats are 0-dim tensors inside a torch.compile graph: no value is read there)
     """
     with torch.no_grad():
         N, k = topk_idx.shape
         kept_experts = topk_idx.reshape(-1)  # (N*k,)
         if keep_mask is not None:
             kept_experts = kept_experts[keep_mask.reshape(-1)]  # (kept,)
-        tokens_per_expert = torch.bincount(kept_experts, minlength=n_experts)  # (E,)
-        kept = int(tokens_per_expert.sum())
-        load = tokens_per_expert.float() / max(kept, 1)  # (E,)
+        tokens_per_expert = count_per_expert(kept_experts, n_experts)  # (E,)
+        kept = tokens_per_expert.sum()  # () long
+        load = tokens_per_expert.float() / kept.clamp(min=1)  # (E,)
         mean_load = load.mean()
-        max_vio = float((load.max() - mean_load) / mean_load) if kept > 0 else 0.0
+        max_vio = torch.where(kept > 0, (load.max() - mean_load) / mean_load, 0.0)  # ()
 
         p = probs.detach().float()
         p = p / p.sum(dim=-1, keepdim=True)  # (N, E)
-        entropy = float(-torch.special.xlogy(p, p).sum(dim=-1).mean()) if N > 0 else 0.0
-
+        entropy = -torch.special.xlogy(p, p).sum(dim=-1).mean() if N > 0 else p.new_zeros(())
+        dropped = 1.0 - kept / (N * k) if N * k > 0 else kept.new_zeros((), dtype=torch.float)
+        scalars = {"max_vio": max_vio, "dropped_fraction": dropped, "entropy": entropy}
+        if not torch.compiler.is_compiling():  # Python floats; 0-dim tensors in a compiled graph
+            scalars = {name: float(value) for name, value in scalars.items()}
         return {
             "load": load,
-            "max_vio": max_vio,
-            "dropped_fraction": 1.0 - kept / (N * k) if N * k > 0 else 0.0,
-            "entropy": entropy,
+            **scalars,
             "tokens_per_expert": tokens_per_expert,
         }

@@ -75,7 +75,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"training precision (default: {defaults.dtype})")
     for flag, text in (("--grad-checkpointing", "recompute activations in backward"),
                        ("--fp8", "FP8 GEMMs for the experts and attention projections "
-                        "(ModelConfig.fp8, minimoe.fp8; simulated on a CPU)")):
+                        "(ModelConfig.fp8, minimoe.fp8; simulated on a CPU)"),
+                       ("--compile", "torch.compile the training step (pays the compilation "
+                        "once; see notebooks/results/vs_transformers.md)")):
         parser.add_argument(flag, action="store_true", help=text)  # False: not given
     parser.add_argument("--resume", action="store_true", help="continue the run saved in --out "
                         "(its settings; a flag that contradicts them is an error)")
@@ -104,6 +106,8 @@ def train_args_from_options(options: argparse.Namespace):
         given["dtype"] = options.dtype
     if options.grad_checkpointing:
         given["grad_checkpointing"] = True
+    if options.compile:
+        given["compile"] = True
     overrides = dict(getattr(options, "overrides", []))
     if options.fp8:
         overrides["fp8"] = True

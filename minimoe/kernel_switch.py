@@ -89,6 +89,8 @@ def follows_config_kernels(forward: Callable) -> Callable:
 
     @functools.wraps(forward)
     def wrapped(self, *args, **kwargs):
+        if torch.compiler.is_compiling():  # traced code takes the reference path (see _kernel)
+            return forward(self, *args, **kwargs)
         with use_kernels(self.kernels):
             return forward(self, *args, **kwargs)
 
@@ -139,7 +141,9 @@ def kernel_module(name: str):
 
 
 def _kernel(x: torch.Tensor, module_name: str, function_name: str) -> Optional[Callable]:
-    if _choice.get() != "triton":
+    # Under torch.compile the reference PyTorch code is what gets traced: Inductor writes its
+    # own fused kernels from it (and a context variable cannot be read inside a graph).
+    if torch.compiler.is_compiling() or _choice.get() != "triton":
         return None
     reason = _why_not_triton(x)
     if reason is not None:

@@ -143,7 +143,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from minimoe.attention import causal_mask
+from minimoe.attention import causal_mask, static_cache_mask
 from minimoe.cache import KVCache
 from minimoe.config import ModelConfig
 from minimoe.norm import RMSNorm
@@ -256,13 +256,16 @@ class MultiHeadLatentAttention(nn.Module):
         return self.o_proj(out)  # (B, T, C)
 
     # ---- step 4 onwards, three ways ------------------------------------------------------
-    def _sdpa(self, q, k, v, past: int) -> torch.Tensor:
-        """Causal attention of T new queries over T_all = past + T keys."""
+    def _sdpa(self, q, k, v, past: int, allowed=None) -> torch.Tensor:
+        """Causal attention of T new queries over T_all = past + T keys.
+
+        allowed (T, T_all) bool: the mask of a pre-allocated cache (``minimoe.static_cache``)."""
         T, T_all = q.shape[2], k.shape[2]
-        if past == 0 or T == 1:  # one new query sees every key: no mask needed
-            return F.scaled_dot_product_attention(q, k, v, is_causal=past == 0 and T > 1,
+        if allowed is None and (past == 0 or T == 1):  # one new query sees every key
+            return F.scaled_dot_product_attention(q, k, v, is_causal=bool(past == 0 and T > 1),
                                                   scale=self.scale)
-        allowed = causal_mask(T, T_all, past, device=q.device)  # (T, T_all)
+        if allowed is None:
+            allowed = causal_mask(T, T_all, past, device=q.device)  # (T, T_all)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=self.scale)
 
     def _stored(self, cache) -> dict:
@@ -289,7 +292,8 @@ class MultiHeadLatentAttention(nn.Module):
             k_pe = history["k_pe"]  # (B, T_all, rope)
         k, v = self._decompress(c_kv, k_pe)  # (B, H, T_all, qk_head_dim), (B, H, T_all, v_dim)
         q = torch.cat([q_nope, q_pe], dim=-1)  # (B, H, T, qk_head_dim)
-        return self._sdpa(q, k, v, past=c_kv.shape[1] - T)  # (B, H, T, v_dim)
+        return self._sdpa(q, k, v, past=c_kv.shape[1] - T,
+                          allowed=static_cache_mask(cache))  # (B, H, T, v_dim)
 
     def _attend_naive(self, q_nope, q_pe, c_kv, k_pe, cache):
         """Decompress K and V for the new tokens only; cache them per head."""
@@ -303,7 +307,8 @@ class MultiHeadLatentAttention(nn.Module):
             k = history["k"].transpose(1, 2)  # (B, H, T_all, qk_head_dim)
             v = history["v"].transpose(1, 2)  # (B, H, T_all, v_dim)
         q = torch.cat([q_nope, q_pe], dim=-1)  # (B, H, T, qk_head_dim)
-        return self._sdpa(q, k, v, past=k.shape[2] - T)  # (B, H, T, v_dim)
+        return self._sdpa(q, k, v, past=k.shape[2] - T,
+                          allowed=static_cache_mask(cache))  # (B, H, T, v_dim)
 
     def _attend_absorbed(self, q_nope, q_pe, c_kv, k_pe, cache):
         """Attention in latent space: W^UK folded into the query, W^UV applied after.
@@ -331,8 +336,10 @@ class MultiHeadLatentAttention(nn.Module):
         scores = scores + q_pe.reshape(B, H * T, -1) @ k_pe.transpose(1, 2)  # (B, H*T, S)
         scores = scores.view(B, H, T, S) * self.scale  # (B, H, T, S)
         past = S - T
-        if T > 1:
+        allowed = static_cache_mask(cache)  # (T, S) or None
+        if allowed is None and T > 1:
             allowed = causal_mask(T, S, past, device=scores.device)  # (T, S)
+        if allowed is not None:
             scores = scores.masked_fill(~allowed, float("-inf"))  # (B, H, T, S)
         softmax_dtype = torch.promote_types(scores.dtype, torch.float32)  # bf16 -> float32
         weights = scores.softmax(dim=-1, dtype=softmax_dtype).to(c_kv.dtype)  # (B, H, T, S)

@@ -59,6 +59,7 @@ from minimoe.kernel_switch import follows_config_kernels
 from minimoe.moe import MoE
 from minimoe.mtp import MTPModule, mtp_losses
 from minimoe.norm import RMSNorm
+from minimoe.traceable import check
 
 
 @dataclass
@@ -131,8 +132,8 @@ class Transformer(nn.Module):
             raise ValueError(
                 f"targets shape {tuple(targets.shape)} must equal input_ids shape {(B, T)}"
             )
-        if int(input_ids.max()) >= self.cfg.vocab_size or int(input_ids.min()) < 0:
-            raise ValueError(f"input_ids must lie in [0, vocab_size={self.cfg.vocab_size})")
+        check((input_ids.max() < self.cfg.vocab_size) & (input_ids.min() >= 0),
+              f"input_ids must lie in [0, vocab_size={self.cfg.vocab_size})")
         past = cache.length if cache is not None else 0
         if past + T > self.cfg.max_position_embeddings:
             raise ValueError(

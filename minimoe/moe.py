@@ -69,6 +69,28 @@ The CPU ``_grouped_mm`` is itself a loop of per-group matmuls inside C++; its va
 that the same call becomes one kernel on a GPU. Autograd differentiates it with grouped
 products again: dA = GMM(dY, W^T) and dW_e = A_e^T dY_e over the same blocks.
 
+torch.compile
+-------------
+Compiling the model traces this module with fake tensors (``minimoe.traceable`` explains the
+mechanism). Three things here would stop it, and each has a cure chosen to leave the eager
+code as it reads:
+
+* ``torch._grouped_mm``'s meta function on the CPU build of torch 2.13 accepts bfloat16 only,
+  although its kernel runs float32: tracing the float32 sorted dispatch failed. While
+  compiling, ``grouped_swiglu`` calls the same kernel through the custom op
+  ``minimoe::grouped_mm`` (``minimoe.traceable``), whose fake function states only the
+  output's shape, and whose backward is the same grouped products. (The "loop" backend
+  would trace too, but ``counts.tolist()`` reads data: a graph break per layer.)
+* ``torch.bincount(..., minlength=E)`` has a data-dependent length; the counts come from a
+  scatter-add into E zeros instead (``count_per_expert``), the same numbers in both modes.
+* The index check reads values (``int(min)``); compiled, it is an assertion inside the graph.
+
+With these, ``torch._dynamo.explain`` finds no graph break in a training forward of the toy
+with the sorted dispatch (MLA, GQA and MHA alike). The naive dispatch keeps its breaks:
+``torch.where(topk_idx == e)`` has as many rows as tokens chose expert e, a shape only the
+data decides; compiled, it runs as one small graph per expert visit (19 breaks for the
+toy), correct but no faster -- compile the sorted dispatch.
+
 What the sorted path costs on a CPU
 -----------------------------------
 Both dispatches do the same arithmetic: 3 matmuls of 2 M C I flops forward, 6 backward
@@ -132,6 +154,7 @@ import torch.nn.functional as F
 from minimoe import balance, kernel_switch
 from minimoe.config import ModelConfig
 from minimoe.experts import RoutedExperts, SwiGLU
+from minimoe.traceable import check, count_per_expert, grouped_mm as compile_grouped_mm
 from minimoe.router import Router
 
 GROUPED_MM_BACKENDS = ("grouped_mm", "loop")
@@ -151,6 +174,13 @@ def _check_routing(x, topk_idx, topk_weight, experts, mask) -> None:
                          f"{tuple(topk_idx.shape)}")
     if mask is not None and mask.shape != topk_idx.shape:
         raise ValueError(f"mask {tuple(mask.shape)} must match topk_idx {tuple(topk_idx.shape)}")
+    if torch.compiler.is_compiling():  # the same check inside the graph (minimoe.traceable)
+        in_range = (topk_idx >= 0) & (topk_idx < experts.num_experts)  # (N, k)
+        if mask is not None:
+            in_range = in_range | ~mask
+        check(in_range.all(), f"expert indices of computed slots must lie in "
+                              f"[0, {experts.num_experts})")
+        return
     computed = topk_idx if mask is None else topk_idx[mask]
     if computed.numel() > 0:
         low, high = int(computed.min()), int(computed.max())
@@ -251,6 +281,7 @@ def _run_grouped_mm_probe(device, dtype: torch.dtype) -> bool:
         return False
 
 
+@torch.compiler.assume_constant_result  # torch.compile: call it once, keep the answer
 def grouped_mm_backend(device, dtype: torch.dtype, hidden_size: Optional[int] = None,
                        intermediate_size: Optional[int] = None) -> str:
     """Which grouped-matmul path ``dispatch_sorted`` takes: "grouped_mm" or "loop".
@@ -266,6 +297,10 @@ def grouped_mm_backend(device, dtype: torch.dtype, hidden_size: Optional[int] = 
         if size is not None and (size * item) % 16 != 0:
             return "loop"
     return "grouped_mm"
+
+
+def _eager_grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    return torch._grouped_mm(a, b, offs=offs)  # (M, N)
 
 
 def _scale_rows(hidden: torch.Tensor, row_scale: Optional[torch.Tensor]) -> torch.Tensor:
@@ -292,10 +327,13 @@ def grouped_swiglu(rows: torch.Tensor, counts: torch.Tensor, experts: RoutedExpe
         # torch._grouped_mm(a (M, K), b (E, K, N), offs) -> (M, N): block e of a times b[e].
         # (Its CPU backward rejects a zero-stride incoming gradient, e.g. that of y.sum(); each
         # product here feeds an elementwise op whose gradient is a fresh, contiguous tensor.)
-        gate = torch._grouped_mm(rows, experts.gate_proj.transpose(-2, -1), offs=offs)  # (M, I)
-        up = torch._grouped_mm(rows, experts.up_proj.transpose(-2, -1), offs=offs)  # (M, I)
+        # Under torch.compile the same kernel runs as the custom op minimoe::grouped_mm, whose
+        # fake function the compiler can trace in float32 (see "torch.compile" above).
+        gmm = compile_grouped_mm if torch.compiler.is_compiling() else _eager_grouped_mm
+        gate = gmm(rows, experts.gate_proj.transpose(-2, -1), offs)  # (M, I)
+        up = gmm(rows, experts.up_proj.transpose(-2, -1), offs)  # (M, I)
         hidden = _scale_rows(F.silu(gate) * up, row_scale)  # (M, I)
-        return torch._grouped_mm(hidden, experts.down_proj.transpose(-2, -1), offs=offs)  # (M, C)
+        return gmm(hidden, experts.down_proj.transpose(-2, -1), offs)  # (M, C)
     if backend == "loop":
         sizes = counts.tolist()  # rows per expert, as Python ints
         gate = _grouped_linear_loop(rows, sizes, experts.gate_proj)  # (M, I)
@@ -360,7 +398,7 @@ def dispatch_sorted(
     sorted_slot = slot[order]  # (M,)
     token = sorted_slot // k  # (M,) the token each sorted row came from
     weight = topk_weight.reshape(-1)[sorted_slot]  # (M,) gradient flows back to topk_weight
-    counts = torch.bincount(expert_of_slot, minlength=E)  # (E,) rows of each expert's block
+    counts = count_per_expert(expert_of_slot, E)  # (E,) rows of each expert's block (bincount)
 
     # 3.-4. one gather, then every expert on its contiguous block. The gate weight is linear:
     # w * (h W_d^T) = (w * h) W_d^T, so apply it on the narrower of h (M, I) and y (M, C).

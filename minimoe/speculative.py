@@ -203,11 +203,14 @@ class DraftDepths:
     (after the module's final norm when cfg.mtp_input is "post_norm") and the number of its
     positions that are final (committed[j]). hidden[0] holds the main model's states h^0."""
 
-    def __init__(self, model, num_drafts: int, prompt_hidden: torch.Tensor) -> None:
+    def __init__(self, model, num_drafts: int, prompt_hidden: torch.Tensor,
+                 drafts: Optional[tuple[list, list]] = None) -> None:
         D = len(model.mtp)
         self.model = model
         self.modules = [model.mtp[min(j, D) - 1] for j in range(1, num_drafts + 1)]
         self.caches = [KVCache(model.cfg.num_hidden_layers + D) for _ in self.modules]
+        if drafts is not None:  # (runners, caches): the same modules' compiled static steps
+            self.modules, self.caches = drafts
         self.committed = [0] * (num_drafts + 1)
         self.hidden = [first_input(model, prompt_hidden)] + [None] * num_drafts  # (1, pos, C)
 
@@ -297,12 +300,25 @@ def draft_confidence(logits: torch.Tensor, token: int, probs: Optional[torch.Ten
     return float(probs[token])
 
 
+def _runners(model, num_drafts: int, max_length: int, compile: bool):
+    """(main model runner, its cache, None or (draft runners, their caches))."""
+    if not compile:
+        return model, KVCache(len(model.layers)), None
+    from minimoe.static_cache import speculative_parts
+
+    D = len(model.mtp)
+    modules = [model.mtp[min(j, D) - 1] for j in range(1, num_drafts + 1)]
+    main, main_cache, runners, caches = speculative_parts(model, modules, max_length)
+    return main, main_cache, (runners, caches)
+
+
 @torch.no_grad()
 def speculative_generate(model, input_ids: torch.Tensor, max_new_tokens: int,
                          num_draft_tokens: Optional[int] = None, temperature: float = 0.0,
                          top_k: Optional[int] = None, top_p: Optional[float] = None,
                          generator: Optional[torch.Generator] = None,
-                         eos_token_id: Optional[int] = None, min_draft_confidence: float = 0.0):
+                         eos_token_id: Optional[int] = None, min_draft_confidence: float = 0.0,
+                         compile: bool = False):
     """Decode with the model's MTP modules as drafters; returns (ids (1, T + new), stats).
 
     num_draft_tokens: drafts per step (default D = number of MTP modules); more than D
@@ -310,7 +326,9 @@ def speculative_generate(model, input_ids: torch.Tensor, max_new_tokens: int,
     otherwise the output is distributed as the main model's sampling distribution (with the
     same temperature, top-k and top-p). min_draft_confidence: stop drafting a step early
     once a draft's own probability (under its module's distribution) falls below this
-    value (0 = always draft num_draft_tokens). See the module docstring for the algorithm.
+    value (0 = always draft num_draft_tokens). compile=True runs the main model (its verify
+    pass of 1 + drafts tokens) and the modules over pre-allocated caches with compiled steps
+    (``minimoe.static_cache``). See the module docstring for the algorithm.
     """
     num_drafts = len(model.mtp) if num_draft_tokens is None else num_draft_tokens
     check_speculative_request(model, input_ids, max_new_tokens, num_drafts, temperature,
@@ -320,12 +338,14 @@ def speculative_generate(model, input_ids: torch.Tensor, max_new_tokens: int,
     model.eval()
     stats = SpeculativeStats(num_draft_modules=len(model.mtp))
     stats._grow(num_drafts)
-    main_cache = KVCache(len(model.layers))
-
+    # what runs the main model and the drafts: the modules themselves over growing caches, or
+    # (compile=True) their compiled steps over pre-allocated ones
+    main, main_cache, drafts = _runners(model, num_drafts,
+                                        input_ids.shape[1] + max_new_tokens + num_drafts, compile)
     # prefill: the prompt through the main model gives h^0 and the first token
-    out = model(input_ids, cache=main_cache)
+    out = main(input_ids, cache=main_cache)
     stats.main_forwards += 1
-    depths = DraftDepths(model, num_drafts, out.hidden)
+    depths = DraftDepths(model, num_drafts, out.hidden, drafts)
     first, _ = sampler.pick(out.logits[0, -1])
     tokens = input_ids[0].tolist() + ([first] if max_new_tokens > 0 else [])
     new_tokens = 1 if max_new_tokens > 0 else 0
@@ -352,7 +372,8 @@ def speculative_generate(model, input_ids: torch.Tensor, max_new_tokens: int,
                 break
         m = len(drafts)
         # 2. verify: one main pass over [t_{N-1}, d_1..d_m]
-        out = model(torch.tensor([tokens[-1:] + drafts], device=device), cache=main_cache)
+        verify_ids = torch.tensor([tokens[-1:] + drafts], device=device)  # (1, m+1)
+        out = main(verify_ids, cache=main_cache)
         stats.main_forwards += 1
         # 3. accept the longest agreeing prefix plus one token from the main model
         accepted, bonus = sampler.accept(out.logits[0], drafts, draft_probs)

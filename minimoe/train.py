@@ -103,6 +103,7 @@ class TrainArgs:
     mtp_loss_weight_after: float = 0.1
     progress: bool = True
     save: bool = True
+    compile: bool = False  # torch.compile the training forward (and so its backward)
 
 
 # The settings that define a run: --resume with a different value would silently train a
@@ -493,6 +494,7 @@ def run_training(args: TrainArgs, on_step: Optional[Callable[[dict], None]] = No
     train_corpus, val_corpus = training_corpora(args)
     model, optimizer, generator, history, schedule_steps, plan_pending = _start(args, cfg, device)
     model.gradient_checkpointing = args.grad_checkpointing
+    forward = torch.compile(model) if args.compile else model  # the same parameters, compiled
     autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16,
                               enabled=args.dtype == "bf16")
     start_step = step = len(history)
@@ -513,7 +515,7 @@ def run_training(args: TrainArgs, on_step: Optional[Callable[[dict], None]] = No
             for group in optimizer.param_groups:
                 group["lr"] = lr
             model.mtp_loss_weight = mtp_loss_weight(step, args, model.cfg.mtp_loss_weight)
-            totals, grad_norm, out = training_step(model, optimizer, model.parameters(),
+            totals, grad_norm, out = training_step(forward, optimizer, model.parameters(),
                                                    train_corpus, generator, args, device,
                                                    autocast)
             model.update_expert_biases()

@@ -90,6 +90,8 @@ def add_checkpoint_commands(commands) -> None:
     generate.add_argument("--speculative", type=int, nargs="?", const=-1, default=None,
                           metavar="DRAFTS", help="speculative decoding with the MTP modules "
                           "(DRAFTS tokens per step; default: one per module)")
+    generate.add_argument("--compile", action="store_true", help="decode over a pre-allocated "
+                          "cache with a torch.compile'd step (compiles first, then runs faster)")
     generate.set_defaults(handler=_with_clear_errors(command_generate))
 
     chat = commands.add_parser("chat", help="chat with a checkpoint (one message per line)")
@@ -167,7 +169,8 @@ def _sample(model, input_ids, options, eos_token_id, speculative=None):
 
     generator = torch.Generator(device=input_ids.device).manual_seed(options.seed)
     sampling = dict(temperature=options.temperature, top_k=options.top_k, top_p=options.top_p,
-                    generator=generator, eos_token_id=eos_token_id)
+                    generator=generator, eos_token_id=eos_token_id,
+                    compile=getattr(options, "compile", False))
     if speculative is not None:
         drafts = None if speculative < 0 else speculative
         out, stats = speculative_generate(model, input_ids, options.max_new_tokens,

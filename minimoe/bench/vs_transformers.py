@@ -1,0 +1,243 @@
+"""Benchmark: minimoe (eager and compiled) against transformers on the same weights.
+
+    python -m minimoe.bench.vs_transformers                  # the toy, 2 threads
+    python -m minimoe.bench.vs_transformers --checkpoint runs/toy   # a `minimoe train` run
+    python -m minimoe.bench.vs_transformers --quick          # tiny sizes: checks it runs
+
+The toy (random weights, or the checkpoint given) is exported with
+``minimoe.save_pretrained`` as a DeepSeek-V3 checkpoint and loaded by transformers'
+``AutoModelForCausalLM`` once per experts implementation (``experts_implementation=``
+"eager", "batched_mm", "grouped_mm": its public switch). Rows, each timed in this one run
+(median of --repeats after a warm-up that also pays every compilation):
+
+* training step (forward + backward + AdamW) on batch x seq tokens. minimoe's loss includes
+  its MTP module and the sequence balance loss (more work than transformers' plain CE);
+* prefill: one forward over a 1 x prefill_len prompt, no grad;
+* greedy decoding at batch 1 and batch 8: minimoe's ``generate`` eager and with
+  ``compile=True`` (``minimoe.static_cache``); transformers' ``generate`` with its dynamic
+  cache, with ``cache_implementation="static"`` (on a CPU its automatic compilation is
+  skipped: the row is what a user gets), and with that compilation forced through
+  ``CompileConfig`` (its private ``_compile_all_devices`` flag);
+* MTP speculative decoding (``minimoe.speculative``, compiled) against plain compiled
+  decoding.
+
+Every greedy output is asserted identical to minimoe's eager greedy output. The table
+gives tokens/s and each row's ratio to the best transformers configuration of that task.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import tempfile
+import time
+
+import torch
+
+import minimoe
+from minimoe.speculative import speculative_generate
+from minimoe.train import TrainArgs, load_checkpoint, make_optimizer, train
+
+EXPERTS_IMPLEMENTATIONS = ("eager", "batched_mm", "grouped_mm")
+
+
+def median_seconds(run, warmup: int, repeats: int) -> float:
+    for _ in range(warmup):
+        run()
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def train_step_runner(model, forward, batch: torch.Tensor, minimoe_model: bool):
+    """One optimiser step on batch (B, T + 1): forward + backward + AdamW."""
+    optimizer = make_optimizer(model, TrainArgs()) if minimoe_model else \
+        torch.optim.AdamW(model.parameters(), lr=1e-4)
+    inputs, targets = batch[:, :-1], batch[:, 1:]
+
+    def run():
+        if minimoe_model:
+            loss = forward(inputs, targets=targets).loss
+        else:
+            loss = forward(input_ids=batch, labels=batch).loss  # transformers shifts itself
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return run
+
+
+def load_transformers(folder: str, implementation: str):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32,
+                                                 experts_implementation=implementation)
+    return model.eval()
+
+
+def hf_generate(model, prompt, new_tokens: int, mode: str):
+    """transformers' greedy generate: mode "dynamic", "static" or "static, compile forced"."""
+    from transformers import CompileConfig
+
+    kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                  pad_token_id=0)
+    if mode != "dynamic":
+        kwargs["cache_implementation"] = "static"
+    if mode == "static, compile forced":
+        config = CompileConfig()
+        config._compile_all_devices = True  # transformers' own switch to compile on a CPU
+        kwargs["compile_config"] = config
+    with torch.no_grad():
+        return model.generate(prompt, attention_mask=torch.ones_like(prompt), **kwargs)
+
+
+class Table:
+    def __init__(self) -> None:
+        self.rows = []  # (task, system, tokens/s)
+
+    def add(self, task: str, system: str, tokens: int, seconds: float) -> None:
+        self.rows.append((task, system, tokens / seconds))
+        print(f"  {task:<28} {system:<52} {tokens / seconds:10.1f} tokens/s", flush=True)
+
+    def markdown(self) -> str:
+        lines = ["| task | system | tokens/s | vs best transformers |", "|---|---|---:|---:|"]
+        for task in dict.fromkeys(row[0] for row in self.rows):
+            rows = [row for row in self.rows if row[0] == task]
+            hf = [speed for _, system, speed in rows if system.startswith("transformers")]
+            best = max(hf) if hf else None
+            for _, system, speed in rows:
+                ratio = f"{speed / best:.2f}x" if best else "-"
+                lines.append(f"| {task} | {system} | {speed:.1f} | {ratio} |")
+        return "\n".join(lines)
+
+
+def bench_training(table, model, hf_models, options, gen) -> None:
+    B, T = options.train_batch, options.train_len
+    batch = torch.randint(0, model.cfg.vocab_size, (B, T + 1), generator=gen)
+    task = f"training step {B}x{T}"
+    for name, forward in (("minimoe eager", model), ("minimoe torch.compile", torch.compile(model))):
+        model.train()
+        run = train_step_runner(model, forward, batch, True)
+        table.add(task, name, B * T, median_seconds(run, options.warmup, options.repeats))
+    for implementation, hf in hf_models.items():
+        hf.train()
+        run = train_step_runner(hf, hf, batch[:, :T], False)
+        table.add(task, f"transformers {implementation}", B * T,
+                  median_seconds(run, options.warmup, options.repeats))
+        hf.eval()
+    model.eval()
+
+
+def bench_prefill(table, model, hf_models, options, gen) -> None:
+    prompt = torch.randint(0, model.cfg.vocab_size, (1, options.prefill_len), generator=gen)
+    task = f"prefill 1x{options.prefill_len}"
+    compiled = torch.compile(model)
+    with torch.no_grad():
+        for name, forward in (("minimoe eager", model), ("minimoe torch.compile", compiled)):
+            seconds = median_seconds(lambda: forward(prompt), options.warmup, options.repeats)
+            table.add(task, name, options.prefill_len, seconds)
+        for implementation, hf in hf_models.items():
+            seconds = median_seconds(lambda: hf(prompt), options.warmup, options.repeats)
+            table.add(task, f"transformers {implementation}", options.prefill_len, seconds)
+
+
+def bench_decode(table, model, hf_models, batch_size, options, gen) -> torch.Tensor:
+    prompt = torch.randint(0, model.cfg.vocab_size, (batch_size, options.prompt_len), generator=gen)
+    n = options.new_tokens
+    task = f"greedy decode, batch {batch_size}"
+    reference = model.generate(prompt, n)
+    for name, compile in (("minimoe eager", False), ("minimoe compile=True (static cache)", True)):
+        out = model.generate(prompt, n, compile=compile)
+        assert torch.equal(out, reference), f"{name}: greedy output differs from eager"
+        seconds = median_seconds(lambda: model.generate(prompt, n, compile=compile),
+                                 options.warmup, options.repeats)
+        table.add(task, name, batch_size * n, seconds)
+    modes = [(impl, "dynamic") for impl in hf_models] + [
+        (options.hf_decode_impl, "static"), (options.hf_decode_impl, "static, compile forced")]
+    for implementation, mode in modes:
+        hf = hf_models[implementation]
+        out = hf_generate(hf, prompt, n, mode)
+        assert torch.equal(out, reference), f"transformers {implementation} {mode}: differs"
+        seconds = median_seconds(lambda: hf_generate(hf, prompt, n, mode),
+                                 options.warmup, options.repeats)
+        table.add(task, f"transformers {implementation}, {mode} cache", batch_size * n, seconds)
+    return reference
+
+
+def bench_speculative(table, model, options, gen) -> None:
+    prompt = torch.randint(0, model.cfg.vocab_size, (1, options.prompt_len), generator=gen)
+    n = options.new_tokens
+    task = "MTP speculative, batch 1"
+    reference = model.generate(prompt, n, compile=True)
+    ids, stats = speculative_generate(model, prompt, n, compile=True)
+    assert torch.equal(ids, reference), "speculative output differs from greedy"
+    seconds = median_seconds(lambda: model.generate(prompt, n, compile=True),
+                             options.warmup, options.repeats)
+    table.add(task, "minimoe compile=True, plain", n, seconds)
+    seconds = median_seconds(lambda: speculative_generate(model, prompt, n, compile=True),
+                             options.warmup, options.repeats)
+    table.add(task, f"minimoe compile=True, speculative ({stats.tokens_per_forward:.2f} "
+              f"tokens per main pass)", n, seconds)
+
+
+def parse(argv):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", default=None, help="a `minimoe train` output folder "
+                        "(default: the toy preset with random weights)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--train-steps", type=int, default=300,
+                        help="steps of training for the toy when no --checkpoint is given")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, one repeat")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--hf-decode-impl", default="grouped_mm", choices=EXPERTS_IMPLEMENTATIONS)
+    options = parser.parse_args(argv)
+    sizes = dict(train_batch=16, train_len=128, prefill_len=1000, prompt_len=32, new_tokens=64)
+    if options.quick:
+        sizes = dict(train_batch=2, train_len=16, prefill_len=32, prompt_len=8, new_tokens=4)
+        options.repeats, options.warmup = 1, 1
+    for name, value in sizes.items():
+        setattr(options, name, value)
+    return options
+
+
+def main(argv=None) -> int:
+    options = parse(argv)
+    torch.set_num_threads(options.threads)
+    torch.manual_seed(0)
+    if options.checkpoint:
+        model = load_checkpoint(options.checkpoint)
+        source = f"checkpoint {options.checkpoint}"
+    else:  # random weights give near-flat logits, whose argmax float rounding can flip
+        steps = 20 if options.quick else options.train_steps
+        overrides = {"num_hidden_layers": 2} if options.quick else {}
+        args = TrainArgs(preset="toy", config_overrides=overrides, steps=steps, batch_size=8,
+                         seq_len=64, eval_every=10**9, corpus_tokens=200_000, progress=False,
+                         save=False, out_dir=tempfile.mkdtemp())
+        model, _, _ = train(args)
+        source = f"toy trained here for {steps} steps of 8x64 tokens"
+    model.eval()
+    gen = torch.Generator().manual_seed(0)
+    with tempfile.TemporaryDirectory() as folder:
+        minimoe.save_pretrained(model, folder, family="deepseek_v3")
+        hf_models = {impl: load_transformers(folder, impl) for impl in EXPERTS_IMPLEMENTATIONS}
+    print(f"minimoe vs transformers, same weights ({source}), float32, "
+          f"{torch.get_num_threads()} threads, torch {torch.__version__}", flush=True)
+    table = Table()
+    bench_training(table, model, hf_models, options, gen)
+    bench_prefill(table, model, hf_models, options, gen)
+    for batch_size in (1, 8):
+        bench_decode(table, model, hf_models, batch_size, options, gen)
+    bench_speculative(table, model, options, gen)
+    print(f"\nmedian of {options.repeats} after {options.warmup} warm-up; greedy outputs "
+          "identical to minimoe eager in every decode row\n")
+    print(table.markdown())
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    raise SystemExit(main())

@@ -1,0 +1,251 @@
+"""A pre-allocated KV cache and a decode step compiled once: decoding at compiled speed.
+
+Why
+---
+At batch 1 a decode step of a small model does very little arithmetic: one token through
+every layer. On a CPU (and on a GPU without CUDA graphs) its time goes to the Python
+interpreter and to launching hundreds of tiny operators. torch.compile removes most of
+that: it fuses the elementwise work into a few generated kernels and runs the whole step
+as one call. But a compiled graph is specialised to the shapes it saw. The growing cache
+of ``minimoe.cache.KVCache`` (``torch.cat`` along time) changes the key length at every
+step, so a compiled step would be recompiled at every step.
+
+The remedy is gpt-fast's ("Accelerating Generative AI with PyTorch II: GPT, Fast", PyTorch
+blog, 2023): allocate the cache once at its final size and never change a shape.
+
+    buffer_l   = zeros(B, L_max, ...)            per layer and per cached tensor
+    write:       buffer_l[:, positions] = new    (index_copy_ along time)
+    attend:      scores over all L_max slots, with
+                 allowed[i, j] = (j <= positions[i])          (T, L_max)
+
+The slots after the current position hold zeros or stale entries of rejected drafts;
+the mask hides them, so the result equals attention over the true history. Every tensor
+in the step now has the same shape at every call: the step is compiled once (per number
+of new tokens T: 1 for plain decoding, 1 + drafts for speculative verification) and
+replayed. The position enters as a tensor, not a Python int, so the compiled code does
+not depend on it either.
+
+What is cached is what the attention module appends: per-head keys and values for MHA and
+GQA (``minimoe.attention``), the latent c_kv and the shared rope key k_pe for MLA
+(``minimoe.mla``). MLA decodes here in its "absorbed" mode (DeepSeek-V2 §2.1.2): scores
+against the cached latent directly, which costs O(L_max * (d_c + d_rope)) per head instead
+of rebuilding every cached key and value ("latent" mode) at every step.
+
+Rolling back (speculative decoding rejects drafts) is only ``length = n``: the rejected
+entries stay in their slots, masked, until a later write replaces them.
+
+What the reader should notice
+-----------------------------
+* Nothing about the model changes: the same modules run, with a different cache object.
+  Attention asks the cache for its mask (``minimoe.attention.static_cache_mask``).
+* The prompt (prefill) runs eagerly through the same code: its length differs for every
+  prompt, and compiling each length would cost more than it saves. Only the decode step,
+  run hundreds of times with one shape, is compiled.
+* Greedy output equals ``model.generate`` (tests/test_compile_decode.py); the logits agree
+  to float rounding, since fused kernels sum in a different order.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import defaultdict
+from types import SimpleNamespace
+from typing import Optional
+
+import torch
+
+from minimoe.generate import check_request, pick_next_token
+from minimoe.mla import MultiHeadLatentAttention
+
+# Every distinct shape (batch, T, cache length) and every model is one more compiled graph of
+# the same step function; PyTorch's default of 8 would silently fall back to eager mode.
+RECOMPILE_LIMIT = 64
+LENGTH_MULTIPLE = 64  # cache lengths are rounded up so that nearby requests share a graph
+
+
+class StaticKVCache:
+    """Per-layer named tensors (B, max_length, ...), written in place at ``positions``.
+
+    The same interface as ``minimoe.cache.KVCache`` (``layers``, ``length``, ``append``,
+    ``truncate``), plus ``positions`` (set by the caller before each forward) and
+    ``attention_mask``. ``advance`` does nothing: ``StaticDecoder`` and ``StaticDraft`` move
+    ``length`` outside the compiled step, so the compiled code never reads a Python counter.
+    """
+
+    def __init__(self, batch_size: int, max_length: int) -> None:
+        if batch_size < 1 or max_length < 1:
+            raise ValueError(f"StaticKVCache needs batch_size, max_length >= 1, got "
+                             f"{batch_size}, {max_length}")
+        self.batch_size = batch_size
+        self.max_length = max_length
+        self.layers: dict[int, dict[str, torch.Tensor]] = defaultdict(dict)
+        self.length = 0  # tokens written and kept
+        self.positions: Optional[torch.Tensor] = None  # (T,) long: where the next write goes
+
+    def start_write(self, num_tokens: int, device) -> torch.Tensor:
+        """Positions length .. length + num_tokens - 1 for the next forward; returns them (T,)."""
+        if self.length + num_tokens > self.max_length:
+            raise ValueError(f"StaticKVCache holds {self.max_length} positions; "
+                             f"{self.length} + {num_tokens} new tokens do not fit")
+        self.positions = torch.arange(self.length, self.length + num_tokens, device=device)
+        return self.positions
+
+    def append(self, layer_index: int, **new: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Write new entries (B, T, ...) at ``positions``; return the full buffers (B, L, ...)."""
+        stored = self.layers[layer_index]
+        for name, tensor in new.items():
+            if name not in stored:  # first write (the eager prefill): allocate once
+                stored[name] = tensor.new_zeros(self.batch_size, self.max_length, *tensor.shape[2:])
+            stored[name].index_copy_(1, self.positions, tensor)  # (B, L, ...) in place
+        return dict(stored)
+
+    def attention_mask(self) -> torch.Tensor:
+        """(T, max_length) bool: query i may see slot j iff j <= positions[i]."""
+        slots = torch.arange(self.max_length, device=self.positions.device)  # (L,)
+        return slots[None, :] <= self.positions[:, None]  # (T, L)
+
+    def advance(self, num_tokens: int) -> None:
+        """Accepted for KVCache compatibility; the decoders move ``length`` themselves."""
+
+    def truncate(self, length: int) -> None:
+        """Keep the first `length` positions (later slots stay, masked, until overwritten)."""
+        if not 0 <= length <= self.length:
+            raise ValueError(f"truncate length {length} outside [0, {self.length}]")
+        self.length = length
+
+
+@contextlib.contextmanager
+def absorbed_mla(model):
+    """Run every MLA module of `model` in "absorbed" mode inside the block (restored after)."""
+    modules = [m for m in model.modules() if isinstance(m, MultiHeadLatentAttention)]
+    saved = [m.mla_mode for m in modules]
+    for module in modules:
+        module.mla_mode = "absorbed"
+    try:
+        yield
+    finally:
+        for module, mode in zip(modules, saved):
+            module.mla_mode = mode
+
+
+def main_step(model, input_ids: torch.Tensor, cache: StaticKVCache):
+    """The main model over T new tokens at ``cache.positions``: (logits (B, T, V), hidden (B, T, C)).
+
+    ``Transformer.forward`` without targets and balance statistics: embedding, the layers
+    (each writes its slots of the cache), the final norm and the output head."""
+    positions = cache.positions  # (T,)
+    x = model.embed_tokens(input_ids)  # (B, T, C)
+    for layer in model.layers:
+        x, _ = layer(x, positions, cache)  # (B, T, C)
+    return model.lm_head(model.norm(x)), x  # (B, T, V), (B, T, C)
+
+
+def draft_step(module, previous_hidden, embeddings, cache: StaticKVCache):
+    """One MTP module (``minimoe.mtp.MTPModule``) over its pending positions: (B, P, C)."""
+    hidden, _ = module(previous_hidden, embeddings, cache.positions, cache=cache)
+    return hidden  # (B, P, C)
+
+
+def compiled(function):
+    """torch.compile(function) with fixed shapes (one graph per shape, never a dynamic one)."""
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit,
+                                               RECOMPILE_LIMIT)
+    return torch.compile(function, dynamic=False)
+
+
+_COMPILED: dict = {}
+
+
+def _compiled_step(function):
+    """One compiled wrapper per step function for the whole process (graphs are reused)."""
+    if function not in _COMPILED:
+        _COMPILED[function] = compiled(function)
+    return _COMPILED[function]
+
+
+def round_up_length(length: int) -> int:
+    return -(-length // LENGTH_MULTIPLE) * LENGTH_MULTIPLE
+
+
+class StaticDecoder:
+    """Calls like the model on new tokens -- ``decoder(ids, cache=decoder.cache)`` -- and
+    returns ``.logits`` (B, T, V) and ``.hidden`` (B, T, C). The first call (the prompt) runs
+    eagerly; the later ones run the compiled ``main_step`` when ``compile`` is True."""
+
+    def __init__(self, model, batch_size: int, max_length: int, compile: bool = True) -> None:
+        self.model = model
+        self.cache = StaticKVCache(batch_size, round_up_length(max_length))
+        self.step = _compiled_step(main_step) if compile else main_step
+
+    def __call__(self, input_ids: torch.Tensor, cache: Optional[StaticKVCache] = None):
+        if cache is not None and cache is not self.cache:
+            raise ValueError("a StaticDecoder runs on its own cache (decoder.cache)")
+        self.cache.start_write(input_ids.shape[1], input_ids.device)
+        step = self.step if self.cache.length > 0 else main_step  # prefill: eager
+        with absorbed_mla(self.model):
+            logits, hidden = step(self.model, input_ids, self.cache)
+        self.cache.length += input_ids.shape[1]
+        return SimpleNamespace(logits=logits, hidden=hidden)
+
+
+class StaticDraft:
+    """An MTP module over its own StaticKVCache, called like the module itself:
+    ``draft(previous_hidden, embeddings, positions, cache=draft.cache)`` -> (hidden, None)."""
+
+    def __init__(self, module, max_length: int, compile: bool = True) -> None:
+        self.module = module
+        self.cache = StaticKVCache(1, round_up_length(max_length))
+        self.step = _compiled_step(draft_step) if compile else draft_step
+
+    def __call__(self, previous_hidden, embeddings, positions, cache=None):
+        if cache is not None and cache is not self.cache:
+            raise ValueError("a StaticDraft runs on its own cache (draft.cache)")
+        count = embeddings.shape[1]
+        self.cache.start_write(count, embeddings.device)
+        step = self.step if self.cache.length > 0 else draft_step  # the first call: eager
+        with absorbed_mla(self.module):
+            hidden = step(self.module, previous_hidden, embeddings, self.cache)
+        self.cache.length += count
+        return hidden, None
+
+    def logits(self, hidden, lm_head):
+        return self.module.logits(hidden, lm_head)
+
+    @property
+    def final_norm(self):  # what the next depth reads (minimoe.mtp.next_input)
+        return self.module.final_norm
+
+
+def speculative_parts(model, modules: list, max_length: int, compile: bool = True):
+    """For ``minimoe.speculative``: (main decoder, its cache, drafters, their caches)."""
+    main = StaticDecoder(model, 1, max_length, compile)
+    drafts = [StaticDraft(module, max_length, compile) for module in modules]
+    return main, main.cache, drafts, [draft.cache for draft in drafts]
+
+
+@torch.no_grad()
+def generate_static(model, input_ids: torch.Tensor, max_new_tokens: int,
+                    temperature: float = 0.0, top_k: Optional[int] = None,
+                    top_p: Optional[float] = None, generator: Optional[torch.Generator] = None,
+                    eos_token_id: Optional[int] = None, compile: bool = True) -> torch.Tensor:
+    """``minimoe.generate.generate`` over a StaticKVCache with the compiled decode step."""
+    check_request(model, input_ids, max_new_tokens)
+    was_training = model.training
+    model.eval()
+    B, T = input_ids.shape
+    decoder = StaticDecoder(model, B, T + max_new_tokens, compile)
+    sequence = input_ids
+    finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
+    step_input = input_ids  # prefill with the whole prompt
+    for _ in range(max_new_tokens):
+        logits = decoder(step_input).logits[:, -1]  # (B, V)
+        next_token = pick_next_token(logits, temperature, top_k, top_p, generator)  # (B, 1)
+        if eos_token_id is not None:
+            next_token = next_token.masked_fill(finished[:, None], eos_token_id)
+            finished |= next_token[:, 0] == eos_token_id
+        sequence = torch.cat([sequence, next_token], dim=1)  # (B, T + 1)
+        step_input = next_token
+        if eos_token_id is not None and bool(finished.all()):
+            break
+    model.train(was_training)
+    return sequence

@@ -1,0 +1,82 @@
+"""The static cache and the compiled decode step: greedy output identical to eager decoding,
+plain and speculative; the benchmark runs (not timed)."""
+
+import pytest
+import torch
+
+import minimoe
+from minimoe.speculative import speculative_generate
+from minimoe.static_cache import StaticDecoder, StaticKVCache
+
+ATTENTION = {"mla": {}, "gqa": dict(attention="gqa", num_key_value_heads=2),
+             "mha": dict(attention="mha", num_key_value_heads=4)}
+
+
+def tiny_model(attention: str = "mla", **overrides) -> minimoe.Transformer:
+    torch.manual_seed(0)
+    cfg = minimoe.ModelConfig.preset("toy", num_hidden_layers=2, n_routed_experts=4, n_group=2,
+                                     topk_group=1, initializer_range=0.2,
+                                     **ATTENTION[attention], **overrides)
+    return minimoe.Transformer(cfg).eval()
+
+
+@pytest.mark.parametrize("attention", ["mla", "gqa", "mha"])
+def test_static_cache_logits_equal_growing_cache(attention):
+    """Eager steps over the pre-allocated, masked cache give the logits of the KVCache path."""
+    model = tiny_model(attention)
+    ids = torch.randint(0, 256, (2, 9))
+    decoder = StaticDecoder(model, batch_size=2, max_length=12, compile=False)
+    cache = minimoe.cache.KVCache(len(model.layers))
+    with torch.no_grad():
+        for chunk in (ids[:, :5], ids[:, 5:6], ids[:, 6:9]):
+            static = decoder(chunk).logits
+            growing = model(chunk, cache=cache).logits
+            torch.testing.assert_close(static, growing, rtol=1e-5, atol=1e-5)
+        decoder.cache.truncate(6)  # roll back two tokens, as speculative decoding does
+        cache.truncate(6)
+        torch.testing.assert_close(decoder(ids[:, 6:8]).logits,
+                                   model(ids[:, 6:8], cache=cache).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_compiled_generate_equals_eager_greedy():
+    model = tiny_model("mla")
+    prompt = torch.randint(0, 256, (2, 7))
+    eager = model.generate(prompt, 10)
+    compiled = model.generate(prompt, 10, compile=True)
+    assert torch.equal(compiled, eager)
+    assert torch.equal(model.generate(prompt[:, :5], 12, compile=True),
+                       model.generate(prompt[:, :5], 12))
+
+
+def test_compiled_speculative_equals_greedy():
+    model = tiny_model("mla")
+    prompt = torch.randint(0, 256, (1, 6))
+    ids, _ = speculative_generate(model, prompt, 10, compile=True)
+    assert torch.equal(ids, model.generate(prompt, 10))
+
+
+def test_static_cache_errors():
+    cache = StaticKVCache(batch_size=1, max_length=4)
+    cache.start_write(3, "cpu")
+    cache.length = 3
+    with pytest.raises(ValueError, match="do not fit"):
+        cache.start_write(2, "cpu")
+    with pytest.raises(ValueError, match="truncate"):
+        cache.truncate(5)
+    with pytest.raises(ValueError, match="use_cache"):
+        tiny_model().generate(torch.zeros(1, 2, dtype=torch.long), 2, use_cache=False,
+                              compile=True)
+
+
+def test_benchmark_quick_mode_runs(monkeypatch, capsys):
+    """The benchmark's code path end to end, with compilation switched off to stay quick
+    (torch.compile then returns the eager function; speed is not under test here)."""
+    from minimoe.bench import vs_transformers
+
+    monkeypatch.setattr(torch._dynamo.config, "disable", True)
+    assert vs_transformers.main(["--quick", "--threads", "1"]) == 0
+    table = capsys.readouterr().out
+    for task in ("training step 2x16", "prefill 1x32", "greedy decode, batch 8",
+                 "MTP speculative"):
+        assert task in table
+    assert "| transformers grouped_mm, static, compile forced cache |" in table
