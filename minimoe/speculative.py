@@ -117,6 +117,16 @@ class SpeculativeStats:
     new_tokens: int = 0
     trace: list = field(default_factory=list)
 
+    def record(self, drafts: list, accepted: int, bonus: int) -> None:
+        """One step: drafts proposed, how many were accepted, the main model's next token."""
+        for j in range(len(drafts)):
+            self.proposed[j] += 1
+            self.reached[j] += int(j <= accepted)
+            self.accepted[j] += int(j < accepted)
+        if drafts:
+            self.accepted_lengths.append(accepted)
+        self.trace.append({"drafts": drafts, "accepted": accepted, "bonus": bonus})
+
     def _grow(self, size: int) -> None:
         for counts in (self.proposed, self.reached, self.accepted):
             counts.extend([0] * (size - len(counts)))
@@ -377,13 +387,7 @@ def speculative_generate(model, input_ids: torch.Tensor, max_new_tokens: int,
         stats.main_forwards += 1
         # 3. accept the longest agreeing prefix plus one token from the main model
         accepted, bonus = sampler.accept(out.logits[0], drafts, draft_probs)
-        for j in range(m):
-            stats.proposed[j] += 1
-            stats.reached[j] += int(j <= accepted)
-            stats.accepted[j] += int(j < accepted)
-        if m:
-            stats.accepted_lengths.append(accepted)
-        stats.trace.append({"drafts": drafts, "accepted": accepted, "bonus": bonus})
+        stats.record(drafts, accepted, bonus)
         # 4. roll back the main cache to the accepted inputs t_{N-1}, d_1..d_accepted, and
         # each depth to its final positions
         main_cache.truncate(N + accepted)

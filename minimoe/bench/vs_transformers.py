@@ -115,6 +115,18 @@ class Table:
 
 
 def bench_training(table, model, hf_models, options, gen) -> None:
+    """Optimiser steps change the weights: every model gets its own back afterwards, so the
+    decoding rows below compare the same weights again."""
+    saved = [(m, {k: v.clone() for k, v in m.state_dict().items()})
+             for m in (model, *hf_models.values())]
+    try:
+        _time_training(table, model, hf_models, options, gen)
+    finally:
+        for m, state in saved:
+            m.load_state_dict(state)
+
+
+def _time_training(table, model, hf_models, options, gen) -> None:
     B, T = options.train_batch, options.train_len
     batch = torch.randint(0, model.cfg.vocab_size, (B, T + 1), generator=gen)
     task = f"training step {B}x{T}"
