@@ -42,6 +42,28 @@ from minimoe.train import TrainArgs, load_checkpoint, make_optimizer, train
 EXPERTS_IMPLEMENTATIONS = ("eager", "batched_mm", "grouped_mm")
 
 
+TIE_MARGIN = 1e-4  # top-2 logit gap below which float rounding may pick either token
+
+
+def assert_same_greedy(out, reference, model, name: str) -> None:
+    """Greedy tokens identical; a divergence is accepted only at a float tie of the reference.
+
+    Two float32 implementations agree to ~1e-6 in the logits; where minimoe's two best
+    logits are closer than TIE_MARGIN the argmax may legitimately differ (then the sequences
+    diverge). Any other difference fails."""
+    if torch.equal(out, reference):
+        return
+    row, position = (out != reference).nonzero()[0].tolist()
+    with torch.no_grad():
+        logits = model(reference[row:row + 1, :position]).logits[0, -1]
+    top2 = logits.topk(2).values
+    margin = float(top2[0] - top2[1])
+    assert margin < TIE_MARGIN, (f"{name}: greedy token differs at sequence {row}, position "
+                                 f"{position}, where minimoe's top-2 logit margin is {margin:.2e}")
+    print(f"  note: {name} diverges at a float tie (sequence {row}, position {position}, "
+          f"top-2 margin {margin:.1e})", flush=True)
+
+
 def median_seconds(run, warmup: int, repeats: int) -> float:
     for _ in range(warmup):
         run()
@@ -160,7 +182,7 @@ def bench_decode(table, model, hf_models, batch_size, options, gen) -> torch.Ten
     for implementation, mode in modes:
         hf = hf_models[implementation]
         out = hf_generate(hf, prompt, n, mode)
-        assert torch.equal(out, reference), f"transformers {implementation} {mode}: differs"
+        assert_same_greedy(out, reference, model, f"transformers {implementation} {mode}")
         seconds = median_seconds(lambda: hf_generate(hf, prompt, n, mode),
                                  options.warmup, options.repeats)
         table.add(task, f"transformers {implementation}, {mode} cache", batch_size * n, seconds)
@@ -233,7 +255,8 @@ def main(argv=None) -> int:
         bench_decode(table, model, hf_models, batch_size, options, gen)
     bench_speculative(table, model, options, gen)
     print(f"\nmedian of {options.repeats} after {options.warmup} warm-up; greedy outputs "
-          "identical to minimoe eager in every decode row\n")
+          "identical to minimoe eager in every decode row (transformers: up to a float tie, "
+          "noted above)\n")
     print(table.markdown())
     return 0
 
