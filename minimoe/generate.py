@@ -79,24 +79,13 @@ def check_request(model, input_ids: torch.Tensor, max_new_tokens: int) -> None:
 def generate(model, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
              top_k: Optional[int] = None, top_p: Optional[float] = None,
              use_cache: bool = True, generator: Optional[torch.Generator] = None,
-             eos_token_id: Optional[int] = None, compile: bool = False) -> torch.Tensor:
+             eos_token_id: Optional[int] = None) -> torch.Tensor:
     """Extend input_ids (B, T) by up to max_new_tokens tokens; returns (B, T + new).
-
-    compile=True decodes over a pre-allocated cache with a decode step compiled once by
-    torch.compile (``minimoe.static_cache``; the first call pays the compilation).
 
     temperature 0 (the default) is greedy decoding. With use_cache=False every step reruns
     the whole sequence (the slow reference the cached path is tested against). Generation
     stops early when every sequence has produced eos_token_id.
     """
-    if compile:
-        if not use_cache:
-            raise ValueError("compile=True decodes with a (pre-allocated) cache: use_cache "
-                             "must be True")
-        from minimoe.static_cache import generate_static
-
-        return generate_static(model, input_ids, max_new_tokens, temperature, top_k, top_p,
-                               generator, eos_token_id)
     check_request(model, input_ids, max_new_tokens)
     was_training = model.training
     model.eval()

@@ -187,8 +187,19 @@ class Transformer(nn.Module):
 
     # ---- decoding ---------------------------------------------------------------------------
     @torch.no_grad()
-    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, **kwargs) -> torch.Tensor:
-        """Autoregressive sampling; see ``minimoe.generate.generate`` for the options."""
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, compile: bool = False,
+                 **kwargs) -> torch.Tensor:
+        """Autoregressive sampling; see ``minimoe.generate.generate`` for the options.
+
+        compile=True decodes over a pre-allocated cache with a decode step compiled once by
+        torch.compile (``minimoe.static_cache``; the first call pays the compilation)."""
+        if compile:
+            if kwargs.pop("use_cache", True) is False:
+                raise ValueError("compile=True decodes with a (pre-allocated) cache: use_cache "
+                                 "must be True")
+            from minimoe.static_cache import generate_static
+
+            return generate_static(self, input_ids, max_new_tokens, **kwargs)
         from minimoe.generate import generate
 
         return generate(self, input_ids, max_new_tokens, **kwargs)
