@@ -28,6 +28,7 @@ gives tokens/s and each row's ratio to the best transformers configuration of th
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import statistics
 import tempfile
@@ -140,6 +141,10 @@ def bench_training(table, model, hf_models, options, gen) -> None:
     B, T = options.train_batch, options.train_len
     batch = torch.randint(0, model.cfg.vocab_size, (B, T + 1), generator=gen)
     task = f"training step {B}x{T}"
+    # the timed optimiser steps change the weights: restore them so every later row runs
+    # the exported weights in both libraries
+    saved = {name: copy.deepcopy(m.state_dict()) for name, m in [("minimoe", model),
+                                                                  *hf_models.items()]}
     for name, forward in (("minimoe eager", model), ("minimoe torch.compile", torch.compile(model))):
         model.train()
         run = train_step_runner(model, forward, batch, True)
@@ -151,6 +156,8 @@ def bench_training(table, model, hf_models, options, gen) -> None:
                   median_seconds(run, options.warmup, options.repeats))
         hf.eval()
     model.eval()
+    for name, m in [("minimoe", model), *hf_models.items()]:
+        m.load_state_dict(saved[name])
 
 
 def bench_prefill(table, model, hf_models, options, gen) -> None:
