@@ -158,6 +158,7 @@ from minimoe.traceable import check, count_per_expert, grouped_mm as compile_gro
 from minimoe.router import Router
 
 GROUPED_MM_BACKENDS = ("grouped_mm", "loop")
+PROBE_RESULTS: dict = {}  # (device type, index, dtype) -> bool, what torch.compile reads
 
 
 # ----------------------------------------------------------------------------------------------
@@ -257,7 +258,9 @@ def _probe_grouped_mm(device_type: str, device_index: Optional[int], dtype: torc
     with torch.inference_mode(False), torch.enable_grad(), \
             torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t), \
             torch.autocast(device_type, enabled=False):
-        return _run_grouped_mm_probe(device, dtype)
+        works = _run_grouped_mm_probe(device, dtype)
+    PROBE_RESULTS[device_type, device_index, dtype] = works
+    return works
 
 
 def _run_grouped_mm_probe(device, dtype: torch.dtype) -> bool:
@@ -281,7 +284,6 @@ def _run_grouped_mm_probe(device, dtype: torch.dtype) -> bool:
         return False
 
 
-@torch.compiler.assume_constant_result  # torch.compile: call it once, keep the answer
 def grouped_mm_backend(device, dtype: torch.dtype, hidden_size: Optional[int] = None,
                        intermediate_size: Optional[int] = None) -> str:
     """Which grouped-matmul path ``dispatch_sorted`` takes: "grouped_mm" or "loop".
@@ -290,7 +292,12 @@ def grouped_mm_backend(device, dtype: torch.dtype, hidden_size: Optional[int] = 
     (cached) and, if sizes are given, C and I rows are multiples of 16 bytes (its stride rule).
     """
     device = torch.device(device)
-    if not _probe_grouped_mm(device.type, device.index, dtype):
+    key = (device.type, device.index, dtype)
+    if torch.compiler.is_compiling() and key in PROBE_RESULTS:
+        works = PROBE_RESULTS[key]  # a constant for the graph (the probe itself cannot be traced)
+    else:
+        works = _probe_grouped_mm(*key)
+    if not works:
         return "loop"
     item = torch.empty((), dtype=dtype).element_size()
     for size in (hidden_size, intermediate_size):
@@ -449,6 +456,9 @@ class MoE(nn.Module):
             self.shared_experts = None
         self.register_buffer("tokens_per_expert", torch.zeros(self.n_experts, dtype=torch.long),
                              persistent=False)  # (E,)
+        weight = self.experts.gate_proj
+        if cfg.dispatch == "sorted" and weight.device.type != "meta":  # answer ready for compile
+            grouped_mm_backend(weight.device, weight.dtype)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, dict]:
         """x (B, T, C) -> (y (B, T, C), aux {"losses": {...}, "router": router_stats})."""

@@ -28,6 +28,7 @@ gives tokens/s and each row's ratio to the best transformers configuration of th
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import statistics
 import tempfile
@@ -40,6 +41,28 @@ from minimoe.speculative import speculative_generate
 from minimoe.train import TrainArgs, load_checkpoint, make_optimizer, train
 
 EXPERTS_IMPLEMENTATIONS = ("eager", "batched_mm", "grouped_mm")
+
+
+TIE_MARGIN = 1e-4  # top-2 logit gap below which float rounding may pick either token
+
+
+def assert_same_greedy(out, reference, model, name: str) -> None:
+    """Greedy tokens identical; a divergence is accepted only at a float tie of the reference.
+
+    Two float32 implementations agree to ~1e-6 in the logits; where minimoe's two best
+    logits are closer than TIE_MARGIN the argmax may legitimately differ (then the sequences
+    diverge). Any other difference fails."""
+    if torch.equal(out, reference):
+        return
+    row, position = (out != reference).nonzero()[0].tolist()
+    with torch.no_grad():
+        logits = model(reference[row:row + 1, :position]).logits[0, -1]
+    top2 = logits.topk(2).values
+    margin = float(top2[0] - top2[1])
+    assert margin < TIE_MARGIN, (f"{name}: greedy token differs at sequence {row}, position "
+                                 f"{position}, where minimoe's top-2 logit margin is {margin:.2e}")
+    print(f"  note: {name} diverges at a float tie (sequence {row}, position {position}, "
+          f"top-2 margin {margin:.1e})", flush=True)
 
 
 def median_seconds(run, warmup: int, repeats: int) -> float:
@@ -115,21 +138,13 @@ class Table:
 
 
 def bench_training(table, model, hf_models, options, gen) -> None:
-    """Optimiser steps change the weights: every model gets its own back afterwards, so the
-    decoding rows below compare the same weights again."""
-    saved = [(m, {k: v.clone() for k, v in m.state_dict().items()})
-             for m in (model, *hf_models.values())]
-    try:
-        _time_training(table, model, hf_models, options, gen)
-    finally:
-        for m, state in saved:
-            m.load_state_dict(state)
-
-
-def _time_training(table, model, hf_models, options, gen) -> None:
     B, T = options.train_batch, options.train_len
     batch = torch.randint(0, model.cfg.vocab_size, (B, T + 1), generator=gen)
     task = f"training step {B}x{T}"
+    # the timed optimiser steps change the weights: restore them so every later row runs
+    # the exported weights in both libraries
+    saved = {name: copy.deepcopy(m.state_dict()) for name, m in [("minimoe", model),
+                                                                  *hf_models.items()]}
     for name, forward in (("minimoe eager", model), ("minimoe torch.compile", torch.compile(model))):
         model.train()
         run = train_step_runner(model, forward, batch, True)
@@ -141,6 +156,8 @@ def _time_training(table, model, hf_models, options, gen) -> None:
                   median_seconds(run, options.warmup, options.repeats))
         hf.eval()
     model.eval()
+    for name, m in [("minimoe", model), *hf_models.items()]:
+        m.load_state_dict(saved[name])
 
 
 def bench_prefill(table, model, hf_models, options, gen) -> None:
@@ -172,7 +189,7 @@ def bench_decode(table, model, hf_models, batch_size, options, gen) -> torch.Ten
     for implementation, mode in modes:
         hf = hf_models[implementation]
         out = hf_generate(hf, prompt, n, mode)
-        assert torch.equal(out, reference), f"transformers {implementation} {mode}: differs"
+        assert_same_greedy(out, reference, model, f"transformers {implementation} {mode}")
         seconds = median_seconds(lambda: hf_generate(hf, prompt, n, mode),
                                  options.warmup, options.repeats)
         table.add(task, f"transformers {implementation}, {mode} cache", batch_size * n, seconds)
@@ -245,7 +262,8 @@ def main(argv=None) -> int:
         bench_decode(table, model, hf_models, batch_size, options, gen)
     bench_speculative(table, model, options, gen)
     print(f"\nmedian of {options.repeats} after {options.warmup} warm-up; greedy outputs "
-          "identical to minimoe eager in every decode row\n")
+          "identical to minimoe eager in every decode row (transformers: up to a float tie, "
+          "noted above)\n")
     print(table.markdown())
     return 0
 
