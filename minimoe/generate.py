@@ -87,17 +87,32 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, temperature: f
     stops early when every sequence has produced eos_token_id.
     """
     check_request(model, input_ids, max_new_tokens)
+    cache = KVCache(len(model.layers)) if use_cache else None
+
+    def next_logits(step_input: torch.Tensor, sequence: torch.Tensor) -> torch.Tensor:
+        if use_cache:
+            return model(step_input, cache=cache).logits[:, -1]  # (B, V)
+        return model(sequence).logits[:, -1]  # (B, V)
+
+    return decode_loop(model, next_logits, input_ids, max_new_tokens, temperature, top_k, top_p,
+                       generator, eos_token_id)
+
+
+def decode_loop(model, next_logits, input_ids: torch.Tensor, max_new_tokens: int,
+                temperature: float, top_k: Optional[int], top_p: Optional[float],
+                generator: Optional[torch.Generator], eos_token_id: Optional[int]) -> torch.Tensor:
+    """The sampling loop every decoder shares (this module's, ``minimoe.static_cache``'s).
+
+    next_logits(step_input, sequence) -> (B, V): the logits after the new tokens step_input
+    (the whole prompt first, then one token per row), given the sequence so far.
+    """
     was_training = model.training
     model.eval()
     sequence = input_ids
     finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-    cache = KVCache(len(model.layers)) if use_cache else None
     step_input = input_ids  # prefill with the whole prompt
     for _ in range(max_new_tokens):
-        if use_cache:
-            logits = model(step_input, cache=cache).logits[:, -1]  # (B, V)
-        else:
-            logits = model(sequence).logits[:, -1]  # (B, V)
+        logits = next_logits(step_input, sequence)  # (B, V)
         next_token = pick_next_token(logits, temperature, top_k, top_p, generator)  # (B, 1)
         if eos_token_id is not None:
             next_token = next_token.masked_fill(finished[:, None], eos_token_id)

@@ -54,7 +54,7 @@ from typing import Optional
 
 import torch
 
-from minimoe.generate import check_request, pick_next_token
+from minimoe.generate import check_request, decode_loop
 from minimoe.mla import MultiHeadLatentAttention
 
 # Every distinct shape (batch, T, cache length) and every model is one more compiled graph of
@@ -230,22 +230,7 @@ def generate_static(model, input_ids: torch.Tensor, max_new_tokens: int,
                     eos_token_id: Optional[int] = None, compile: bool = True) -> torch.Tensor:
     """``minimoe.generate.generate`` over a StaticKVCache with the compiled decode step."""
     check_request(model, input_ids, max_new_tokens)
-    was_training = model.training
-    model.eval()
     B, T = input_ids.shape
     decoder = StaticDecoder(model, B, T + max_new_tokens, compile)
-    sequence = input_ids
-    finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
-    step_input = input_ids  # prefill with the whole prompt
-    for _ in range(max_new_tokens):
-        logits = decoder(step_input).logits[:, -1]  # (B, V)
-        next_token = pick_next_token(logits, temperature, top_k, top_p, generator)  # (B, 1)
-        if eos_token_id is not None:
-            next_token = next_token.masked_fill(finished[:, None], eos_token_id)
-            finished |= next_token[:, 0] == eos_token_id
-        sequence = torch.cat([sequence, next_token], dim=1)  # (B, T + 1)
-        step_input = next_token
-        if eos_token_id is not None and bool(finished.all()):
-            break
-    model.train(was_training)
-    return sequence
+    return decode_loop(model, lambda step_input, _: decoder(step_input).logits[:, -1], input_ids,
+                       max_new_tokens, temperature, top_k, top_p, generator, eos_token_id)

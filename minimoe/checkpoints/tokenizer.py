@@ -35,6 +35,8 @@ import os
 from datetime import datetime
 from typing import Optional
 
+from minimoe.checkpoints.shards import read_json
+
 
 def _token_text(value) -> Optional[str]:
     """tokenizer_config.json spells a special token as a string or {"content": ...}."""
@@ -245,16 +247,7 @@ def load_tokenizer(folder: str | os.PathLike) -> Tokenizer:
     except Exception as error:
         raise ValueError(f"{path} is not a valid tokenizers file: {error}") from error
     config_path = os.path.join(folder, "tokenizer_config.json")
-    config = {}
-    if os.path.exists(config_path):
-        try:
-            with open(config_path, encoding="utf-8") as handle:
-                config = json.load(handle)
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{config_path} is not valid JSON: {error}") from error
-        if not isinstance(config, dict):
-            raise ValueError(f"{config_path} holds a JSON {type(config).__name__}, expected "
-                             "an object")
+    config = read_json(config_path) if os.path.exists(config_path) else {}
     tokenizer = Tokenizer(backend, config, _read_chat_template(folder, config), folder)
     for field in ("bos_token", "eos_token"):
         token = getattr(tokenizer, field)
