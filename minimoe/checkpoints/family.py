@@ -306,6 +306,15 @@ def _json_type(value) -> str:
             dict: "object"}.get(type(value), type(value).__name__)
 
 
+def rejecter(hf: dict, model_type: str):
+    """config_from_hf's check: reject(key, why) raises ValueError naming the config key whose
+    value would make the checkpoint compute what minimoe does not."""
+    def reject(key: str, why: str) -> None:
+        raise ValueError(f"from_hf({model_type}): {key}={hf.get(key)!r} {why}; minimoe does not "
+                         "implement it, so the model would compute a different function")
+    return reject
+
+
 def need(cfg, family: str, condition: bool, field_name: str, wanted: str) -> None:
     """config_to_hf's check: the family's config.json cannot say what cfg.<field> says."""
     if not condition:

@@ -41,23 +41,17 @@ DeepSeek-V3's layout.
 
 from __future__ import annotations
 
-from minimoe.checkpoints.family import Family, NameTable, need, read_rope, rope_parameters
+from minimoe.checkpoints.family import (Family, NameTable, need, read_rope, rejecter,
+                                        rope_parameters)
 
 ARCHITECTURES = {"qwen3_moe": "Qwen3MoeForCausalLM", "mixtral": "MixtralForCausalLM",
                  "olmoe": "OlmoeForCausalLM", "glm4_moe": "Glm4MoeForCausalLM"}
 
 
-def _rejecter(hf: dict, model_type: str):
-    def reject(key: str, why: str) -> None:
-        raise ValueError(f"from_hf({model_type}): {key}={hf.get(key)!r} {why}; minimoe does not "
-                         "implement it, so the model would compute a different function")
-    return reject
-
-
 def _first_dense_layers(hf: dict, model_type: str, experts: int) -> int:
     """How many leading layers are dense; any other pattern of dense and MoE layers is refused
     (minimoe's rule is "all but the first first_k_dense_replace")."""
-    get, reject = hf.get, _rejecter(hf, model_type)
+    get, reject = hf.get, rejecter(hf, model_type)
     num_layers = hf["num_hidden_layers"]
     first_dense = get("first_k_dense_replace", 0) or 0
     if model_type == "qwen3_moe":
@@ -81,7 +75,7 @@ def _first_dense_layers(hf: dict, model_type: str, experts: int) -> int:
 
 def _refuse_other_functions(hf: dict, model_type: str) -> None:
     """Keys whose value would make the checkpoint compute what minimoe does not."""
-    get, reject = hf.get, _rejecter(hf, model_type)
+    get, reject = hf.get, rejecter(hf, model_type)
     if get("hidden_act", "silu") != "silu":
         reject("hidden_act", "is not SwiGLU's silu")
     if model_type == "qwen3_moe":
@@ -111,7 +105,7 @@ def _positions(hf: dict, model_type: str) -> dict:
     if partial is None:
         partial = 0.5 if model_type == "glm4_moe" else 1.0  # the classes' defaults
     if partial != 1.0 and model_type != "glm4_moe":
-        _rejecter(hf, model_type)("partial_rotary_factor",
+        rejecter(hf, model_type)("partial_rotary_factor",
                                   f"is {partial}, but {model_type} rotates whole heads")
     kind = (rope_scaling or {}).get("rope_type", (rope_scaling or {}).get("type", "default"))
     if rope_scaling is not None and kind not in ("linear", "dynamic", "yarn"):

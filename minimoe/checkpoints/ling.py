@@ -27,7 +27,7 @@ each head): nothing is permuted.
 
 from __future__ import annotations
 
-from minimoe.checkpoints.family import Family, MtpNames, NameTable, need
+from minimoe.checkpoints.family import Family, MtpNames, NameTable, need, rejecter
 
 ARCHITECTURES = {"bailing_moe_v2": "BailingMoeV2ForCausalLM"}
 
@@ -35,9 +35,7 @@ ARCHITECTURES = {"bailing_moe_v2": "BailingMoeV2ForCausalLM"}
 def _refuse_other_functions(hf: dict) -> None:
     get = hf.get
 
-    def reject(key: str, why: str) -> None:
-        raise ValueError(f"from_hf(bailing_moe_v2): {key}={get(key)!r} {why}; minimoe does not "
-                         "implement it, so the model would compute a different function")
+    reject = rejecter(hf, "bailing_moe_v2")
 
     if get("hidden_act", "silu") != "silu":
         reject("hidden_act", "is not SwiGLU's silu")

@@ -41,7 +41,8 @@ the main embedding would read a second (V, C) table (1.6 GB in bf16) on every lo
 
 from __future__ import annotations
 
-from minimoe.checkpoints.family import Family, MtpNames, NameTable, need, read_rope, rope_parameters
+from minimoe.checkpoints.family import (Family, MtpNames, NameTable, need, read_rope, rejecter,
+                                        rope_parameters)
 
 ARCHITECTURES = {"longcat_flash": "LongcatFlashForCausalLM"}
 
@@ -51,9 +52,7 @@ def config_from_hf(hf: dict, model_type: str = "longcat_flash") -> dict:
     the config's num_nextn_predict_layers when it has one (0 or 1), else 0."""
     get = hf.get
 
-    def reject(key: str, why: str) -> None:
-        raise ValueError(f"from_hf(longcat_flash): {key}={get(key)!r} {why}; minimoe does not "
-                         "implement it, so the model would compute a different function")
+    reject = rejecter(hf, "longcat_flash")
 
     if get("hidden_act", "silu") != "silu":
         reject("hidden_act", "is not SwiGLU's silu")
