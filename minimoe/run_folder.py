@@ -47,6 +47,8 @@ from typing import Optional
 import torch
 from safetensors.torch import load_file, save_file
 
+from minimoe.checkpoints.shards import read_json
+
 STATE_JSON = "train_state.json"  # written last: the mark of a complete checkpoint
 STATE_TENSORS = "train_state.safetensors"
 WEIGHTS = "model.safetensors"
@@ -145,9 +147,8 @@ def recover_if_interrupted(path: str) -> None:
 
 
 def read_state(folder: str) -> dict:
-    """train_state.json of a run folder (after ``recover``)."""
-    with open(os.path.join(folder, STATE_JSON)) as handle:
-        return json.load(handle)
+    """train_state.json of a run folder (after ``recover``); malformed: an error naming it."""
+    return read_json(os.path.join(folder, STATE_JSON))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -256,8 +257,7 @@ def _carry_over(folder: str, tmp: str, written: set) -> None:
 
 def read_config(folder: str) -> dict:
     """config.json of a run folder as a dict (a ModelConfig's fields)."""
-    with open(os.path.join(folder, CONFIG)) as handle:
-        return json.load(handle)
+    return read_json(os.path.join(folder, CONFIG))
 
 
 def folder_kind(folder: str) -> str:
