@@ -53,7 +53,7 @@ SCORING_FUNCS = ("softmax", "sigmoid")
 TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
 QK_NORM_KINDS = ("none", "per_head", "full")
 MTP_INPUTS = ("post_norm", "pre_norm")
-DISPATCH_KINDS = ("naive", "sorted")
+DISPATCH_KINDS = ("naive", "sorted", "gather")
 KERNEL_KINDS = ("reference", "triton")
 
 
@@ -133,7 +133,8 @@ class ModelConfig:
     shortcut_moe: bool = False
 
     # ---- execution choices (do not change the function, only how it is computed) ---------
-    dispatch: str = "sorted"  # "naive" per-expert loop | "sorted" grouped matmul
+    # "naive" per-expert loop | "sorted" grouped matmul | "gather" per-slot weights (decoding)
+    dispatch: str = "sorted"
     kernels: str = "reference"  # the one kernel switch: "reference" | "triton"
     # FP8 training (DeepSeek-V3 §3.3, minimoe.fp8): True runs the GEMMs of the experts (routed,
     # shared, dense FFN) and the attention projections as simulated e4m3 GEMMs with 1x128 /

@@ -19,7 +19,7 @@ shared experts; ``minimoe.experts`` has the FFN itself). The formula is a sum ov
 * **combine**: scale each result by its gate weight and add it back to its token's row.
 
 GShard (Lepikhin et al. 2020) wrote dispatch and combine as einsums with one-hot
-(tokens x experts x capacity) tensors, which suits TPUs but wastes memory. Here are two
+(tokens x experts x capacity) tensors, which suits TPUs but wastes memory. Here are three
 ways that do not materialise anything of size N * E:
 
 1. ``dispatch_naive`` -- the readable reference (the loop of the Hugging Face
@@ -47,6 +47,21 @@ ways that do not materialise anything of size N * E:
    (moe_align_block_size) so that one Triton kernel launch covers all experts. PyTorch
    exposes the operation as ``torch._grouped_mm(a (M, K), b (E, K, N), offs=cumsum(counts)
    as int32)``: the same thing cuBLAS / CUTLASS grouped GEMM does on Hopper GPUs.
+
+3. ``dispatch_gather`` -- for decoding, when there are fewer slots than experts (N*k <= E):
+   gather every slot's own expert matrices and run one batched product per projection
+   (gpt-fast's Mixtral, pytorch-labs/gpt-fast ``mixtral-moe/model.py``,
+   ``ConditionalFeedForward``):
+
+       W_g[idx], W_u[idx]  (N, k, I, C),   W_d[idx]  (N, k, C, I)    one gather each
+       h_{t,j} = silu(W_g[idx_{t,j}] x_t) * (W_u[idx_{t,j}] x_t)    (N, k, I)  batched
+       y_t     = sum_j g_{t,j} * W_d[idx_{t,j}] h_{t,j}              (N, C)
+
+   It reads N*k expert matrices where the sorted path reads up to E of them, and every
+   shape is fixed by (N, k): no sort, no counts, nothing the data decides, so a compiled
+   decode step (``minimoe.static_cache``, which picks it whenever N*k <= E) is one graph
+   with a handful of batched matmuls. For training or prefill it is the wrong tool: it
+   copies N*k weight matrices, and its backward scatters N*k gradients into full-size zeros.
 
 Which grouped matmul runs (``grouped_mm_backend``)
 --------------------------------------------------
@@ -129,7 +144,7 @@ its residual. Identity-expert slots are never dropped: they need no buffer.
 
 What the reader should notice
 -----------------------------
-* Both dispatches compute the same function (the tests compare outputs and gradients).
+* The three dispatches compute the same function (the tests compare outputs and gradients).
 * Why the naive loop is slow: E small matmuls launched from Python, E scans of the whole
   (N, k) routing table, and -- less obvious -- in backward every ``gate_proj[e]`` indexing
   op writes a full (E, I, C) zero tensor with one expert's gradient in it, E times per
@@ -422,6 +437,44 @@ def dispatch_sorted(
 
 
 # ----------------------------------------------------------------------------------------------
+# 3. Gather each slot's expert weights (decoding: fewer slots than experts)
+# ----------------------------------------------------------------------------------------------
+def dispatch_gather(
+    x: torch.Tensor,
+    topk_idx: torch.Tensor,
+    topk_weight: torch.Tensor,
+    experts: RoutedExperts,
+    mask: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Same function as ``dispatch_naive``, computed on each slot's gathered expert weights.
+
+    Arguments and result as ``dispatch_naive``. Every shape depends on (N, k) only, which is
+    what a compiled decode step needs; the cost is N*k copies of an expert's matrices, so use
+    it when N*k <= E (one token per sequence per step). A slot outside the mask is computed
+    with expert 0 and multiplied by a zero weight. FP8 experts bring their own grouped
+    products: they take ``dispatch_sorted``.
+    """
+    _check_routing(x, topk_idx, topk_weight, experts, mask)
+    if hasattr(experts, "grouped_swiglu"):
+        return dispatch_sorted(x, topk_idx, topk_weight, experts, mask=mask)  # (N, C)
+    if mask is not None:
+        topk_idx = topk_idx.masked_fill(~mask, 0)  # (N, k) any valid expert ...
+        topk_weight = topk_weight.masked_fill(~mask, 0.0)  # (N, k) ... with weight 0
+    gate_w = experts.gate_proj[topk_idx]  # (N, k, I, C) slot (t, j)'s own expert matrices
+    up_w = experts.up_proj[topk_idx]  # (N, k, I, C)
+    down_w = experts.down_proj[topk_idx]  # (N, k, C, I)
+    gate = torch.einsum("nc,nkic->nki", x, gate_w)  # (N, k, I)
+    up = torch.einsum("nc,nkic->nki", x, up_w)  # (N, k, I)
+    y = torch.einsum("nki,nkci->nkc", F.silu(gate) * up, down_w)  # (N, k, C)
+    # combine: weight each slot, sum over the k slots (float32 accumulation)
+    out_dtype = _output_dtype(x, topk_weight)
+    return (y.to(out_dtype) * topk_weight.to(out_dtype).unsqueeze(-1)).sum(dim=1)  # (N, C)
+
+
+DISPATCHES = {"naive": dispatch_naive, "sorted": dispatch_sorted, "gather": dispatch_gather}
+
+
+# ----------------------------------------------------------------------------------------------
 # The layer
 # ----------------------------------------------------------------------------------------------
 class MoE(nn.Module):
@@ -431,6 +484,9 @@ class MoE(nn.Module):
       gate            minimoe.router.Router(cfg)
       experts         RoutedExperts(n_routed_experts, C, moe_intermediate_size)
       shared_experts  SwiGLU(C, n_shared_experts * moe_intermediate_size) or None
+    Attribute ``dispatch`` (from cfg.dispatch): which of ``DISPATCHES`` runs the routed
+    experts; a per-layer setting, so that a decoder may switch it for its steps
+    (``minimoe.static_cache`` sets "gather" while decoding).
     Buffer tokens_per_expert (E,) long, not saved: kept slots per expert (all E = routed +
     zero experts) counted in training mode since the last ``update_expert_bias``. Long,
     not float: ``model.to(torch.bfloat16)`` converts float buffers, and bf16 cannot count
@@ -446,6 +502,7 @@ class MoE(nn.Module):
         self.n_zero_experts = cfg.n_zero_experts
         self.n_experts = cfg.n_routed_experts + cfg.n_zero_experts  # E: what the router scores
         self.top_k = cfg.num_experts_per_tok
+        self.dispatch = cfg.dispatch  # "naive" | "sorted" | "gather" (DISPATCHES)
         self.gate = Router(cfg)
         self.experts = RoutedExperts(cfg.n_routed_experts, cfg.hidden_size,
                                      cfg.moe_intermediate_size, init_std=cfg.initializer_range)
@@ -457,7 +514,7 @@ class MoE(nn.Module):
         self.register_buffer("tokens_per_expert", torch.zeros(self.n_experts, dtype=torch.long),
                              persistent=False)  # (E,)
         weight = self.experts.gate_proj
-        if cfg.dispatch == "sorted" and weight.device.type != "meta":  # answer ready for compile
+        if cfg.dispatch != "naive" and weight.device.type != "meta":  # answer ready for compile
             grouped_mm_backend(weight.device, weight.dtype)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, dict]:
@@ -514,7 +571,7 @@ class MoE(nn.Module):
 
         The one place where tokens meet the routed experts; ``minimoe.parallel`` overrides it
         to send the tokens to experts that live in other processes."""
-        dispatch = dispatch_sorted if self.cfg.dispatch == "sorted" else dispatch_naive
+        dispatch = DISPATCHES[self.dispatch]
         return dispatch(x, topk_idx, topk_weight, self.experts, mask=mask)  # (N, C)
 
     @torch.no_grad()
@@ -528,4 +585,4 @@ class MoE(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"routed={self.n_routed_experts}, zero={self.n_zero_experts}, top_k={self.top_k}, "
-                f"dispatch={self.cfg.dispatch!r}")
+                f"dispatch={self.dispatch!r}")

@@ -6,7 +6,7 @@ import torch
 
 import minimoe
 from minimoe.speculative import speculative_generate
-from minimoe.static_cache import StaticDecoder, StaticKVCache
+from minimoe.static_cache import DecodeModes, StaticDecoder, StaticKVCache
 
 ATTENTION = {"mla": {}, "gqa": dict(attention="gqa", num_key_value_heads=2),
              "mha": dict(attention="mha", num_key_value_heads=4)}
@@ -53,6 +53,20 @@ def test_compiled_speculative_equals_greedy():
     prompt = torch.randint(0, 256, (1, 6))
     ids, _ = speculative_generate(model, prompt, 10, compile=True)
     assert torch.equal(ids, model.generate(prompt, 10))
+
+
+def test_decode_modes_gather_only_small_steps_and_restore():
+    """MoE layers gather while a step has <= E slots (here E = 4, k = 2); MLA runs absorbed;
+    both are put back afterwards (the decoder above compares both regimes with the cache)."""
+    model = tiny_model("mla")
+    modes = DecodeModes(model)
+    assert len(modes.moe) == 2 and len(modes.mla) == 3  # layer 1 and the MTP module's layer
+    for tokens, expected in ((1, "gather"), (2, "gather"), (3, "sorted")):
+        with modes(tokens):
+            assert [m.dispatch for m in modes.moe] == [expected] * 2
+            assert all(m.mla_mode == "absorbed" for m in modes.mla)
+        assert [m.dispatch for m in modes.moe] == ["sorted"] * 2
+        assert all(m.mla_mode == "latent" for m in modes.mla)
 
 
 def test_static_cache_errors():

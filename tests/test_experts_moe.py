@@ -11,6 +11,7 @@ from minimoe.config import ModelConfig
 from minimoe.experts import RoutedExperts, SwiGLU
 from minimoe.moe import (
     MoE,
+    dispatch_gather,
     dispatch_naive,
     dispatch_sorted,
     grouped_mm_backend,
@@ -222,12 +223,55 @@ def test_grouped_mm_backend_choices():
     assert grouped_mm_backend("cpu", torch.bfloat16, 12, 16) == "loop"  # 24-byte rows
 
 
+def test_gather_matches_brute_force_with_a_mask():
+    gen = torch.Generator().manual_seed(4)
+    experts = make_experts(5, 8, 6)
+    x = torch.randn(9, 8, generator=gen)
+    topk_idx = torch.randint(0, 7, (9, 3), generator=gen)  # 5, 6 play zero experts
+    topk_weight = torch.rand(9, 3, generator=gen)
+    mask = (topk_idx < 5) & (torch.rand(9, 3, generator=gen) > 0.3)
+    out = dispatch_gather(x, topk_idx, topk_weight, experts, mask=mask)
+    torch.testing.assert_close(out.double(), brute_force(x, topk_idx, topk_weight, experts, mask),
+                               atol=1e-5, rtol=1e-5)
+
+
+@given(
+    N=st.integers(1, 12), C=st.sampled_from([4, 8, 16]), I=st.sampled_from([3, 8]),
+    E=st.integers(1, 9), k=st.integers(1, 3), masked=st.booleans(), seed=st.integers(0, 2**16),
+)
+def test_gather_matches_naive_property(N, C, I, E, k, masked, seed):
+    """Outputs and every gradient, repeated experts in a token's slots included."""
+    gen = torch.Generator().manual_seed(seed)
+    experts = RoutedExperts(E, C, I, init_std=0.3)
+    x = torch.randn(N, C, generator=gen)
+    topk_idx = torch.randint(0, E, (N, k), generator=gen)
+    topk_weight = torch.rand(N, k, generator=gen)
+    mask = torch.rand(N, k, generator=gen) > 0.4 if masked else None
+    if masked:
+        mask[0, 0] = True  # (with nothing computed, the naive loop's zeros have no gradient)
+    naive = outputs_and_grads(dispatch_naive, x, topk_idx, topk_weight, experts, mask=mask)
+    gather = outputs_and_grads(dispatch_gather, x, topk_idx, topk_weight, experts, mask=mask)
+    assert_same(naive, gather)
+
+
+def test_gather_layer_agrees_with_sorted_and_is_a_per_layer_switch():
+    torch.manual_seed(0)
+    layer = MoE(small_cfg(n_zero_experts=2)).eval()
+    x = torch.randn(1, 3, 16)
+    sorted_out, _ = layer(x)
+    layer.dispatch = "gather"
+    assert "dispatch='gather'" in repr(layer)
+    gather_out, _ = layer(x)
+    torch.testing.assert_close(gather_out, sorted_out, atol=1e-6, rtol=1e-5)
+    assert layer.cfg.dispatch == "sorted"  # the config is not touched
+
+
 def test_out_of_range_expert_index_is_rejected():
     experts = make_experts(3, 8, 4)
     x = torch.randn(2, 8)
     topk_idx = torch.tensor([[0, 3], [1, 2]])
     topk_weight = torch.rand(2, 2)
-    for fn in (dispatch_naive, dispatch_sorted):
+    for fn in (dispatch_naive, dispatch_sorted, dispatch_gather):
         with pytest.raises(ValueError, match="expert indices"):
             fn(x, topk_idx, topk_weight, experts)
         fn(x, topk_idx, topk_weight, experts, mask=topk_idx < 3)  # excluded by the mask: fine
