@@ -50,8 +50,8 @@ ways that do not materialise anything of size N * E:
 
 3. ``dispatch_gather`` -- for decoding, when there are fewer slots than experts (N*k <= E):
    gather every slot's own expert matrices and run one batched product per projection
-   (gpt-fast's Mixtral, pytorch-labs/gpt-fast ``mixtral-moe/model.py``,
-   ``ConditionalFeedForward``):
+   (gpt-fast's Mixtral, pytorch-labs/gpt-fast mixtral-moe/model.py,
+   its ConditionalFeedForward):
 
        W_g[idx], W_u[idx]  (N, k, I, C),   W_d[idx]  (N, k, C, I)    one gather each
        h_{t,j} = silu(W_g[idx_{t,j}] x_t) * (W_u[idx_{t,j}] x_t)    (N, k, I)  batched

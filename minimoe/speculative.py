@@ -338,7 +338,8 @@ def speculative_generate(model, input_ids: torch.Tensor, max_new_tokens: int,
     once a draft's own probability (under its module's distribution) falls below this
     value (0 = always draft num_draft_tokens). compile=True runs the main model (its verify
     pass of 1 + drafts tokens) and the modules over pre-allocated caches with compiled steps
-    (``minimoe.static_cache``). See the module docstring for the algorithm.
+    (``minimoe.static_cache``); greedy with one draft, each step is one compiled call
+    (``greedy_one_draft``). See the module docstring for the algorithm.
     """
     num_drafts = len(model.mtp) if num_draft_tokens is None else num_draft_tokens
     check_speculative_request(model, input_ids, max_new_tokens, num_drafts, temperature,
@@ -348,6 +349,10 @@ def speculative_generate(model, input_ids: torch.Tensor, max_new_tokens: int,
     model.eval()
     stats = SpeculativeStats(num_draft_modules=len(model.mtp))
     stats._grow(num_drafts)
+    if compile and sampler.greedy and num_drafts == 1 and max_new_tokens > 0:
+        tokens = greedy_one_draft(model, input_ids, max_new_tokens, eos_token_id, stats)
+        model.train(was_training)
+        return torch.tensor([tokens], device=input_ids.device), stats
     # what runs the main model and the drafts: the modules themselves over growing caches, or
     # (compile=True) their compiled steps over pre-allocated ones
     main, main_cache, drafts = _runners(model, num_drafts,
@@ -367,19 +372,7 @@ def speculative_generate(model, input_ids: torch.Tensor, max_new_tokens: int,
         # up to m + 1 tokens come out of a step; the last may be cut at max_new_tokens
         m = min(num_drafts, max_new_tokens - new_tokens)
         # 1. draft d_1..d_m, depth by depth
-        drafts, draft_probs = [], []
-        for j in range(1, m + 1):
-            draft_logits = depths.draft_logits(j, tokens + drafts, N)  # (V,)
-            stats.draft_forwards += 1
-            token, probs = sampler.pick(draft_logits)
-            drafts.append(token)
-            draft_probs.append(probs)
-            if (j < m and min_draft_confidence > 0
-                    and draft_confidence(draft_logits, token, probs) < min_draft_confidence):
-                # an unlikely draft: its successors would probably be rejected too, so stop
-                # here and save their module calls and their share of the verify pass
-                stats.stopped_early += 1
-                break
+        drafts, draft_probs = make_drafts(depths, sampler, tokens, m, min_draft_confidence, stats)
         m = len(drafts)
         # 2. verify: one main pass over [t_{N-1}, d_1..d_m]
         verify_ids = torch.tensor([tokens[-1:] + drafts], device=device)  # (1, m+1)
@@ -392,13 +385,71 @@ def speculative_generate(model, input_ids: torch.Tensor, max_new_tokens: int,
         # each depth to its final positions
         main_cache.truncate(N + accepted)
         depths.roll_back(N, accepted, m, out.hidden)
-        emitted = (drafts[:accepted] + [bonus])[:max_new_tokens - new_tokens]
-        if eos_token_id is not None and eos_token_id in emitted:
-            emitted = emitted[:emitted.index(eos_token_id) + 1]
-            finished = True
+        emitted, finished = emitted_tokens(drafts, accepted, bonus,
+                                           max_new_tokens - new_tokens, eos_token_id)
         tokens += emitted
         new_tokens += len(emitted)
 
     stats.new_tokens = new_tokens
     model.train(was_training)
     return torch.tensor([tokens], device=device), stats
+
+
+def make_drafts(depths: DraftDepths, sampler: Sampler, tokens: list, m: int,
+                min_draft_confidence: float, stats: SpeculativeStats) -> tuple[list, list]:
+    """Step 1 of the loop: up to m drafts after `tokens`, depth by depth; (drafts, their
+    distributions or None when greedy)."""
+    N = len(tokens)
+    drafts, draft_probs = [], []
+    for j in range(1, m + 1):
+        draft_logits = depths.draft_logits(j, tokens + drafts, N)  # (V,)
+        stats.draft_forwards += 1
+        token, probs = sampler.pick(draft_logits)
+        drafts.append(token)
+        draft_probs.append(probs)
+        if (j < m and min_draft_confidence > 0
+                and draft_confidence(draft_logits, token, probs) < min_draft_confidence):
+            # an unlikely draft: its successors would probably be rejected too, so stop
+            # here and save their module calls and their share of the verify pass
+            stats.stopped_early += 1
+            break
+    return drafts, draft_probs
+
+
+def emitted_tokens(drafts: list, accepted: int, bonus: int, room: int,
+                   eos_token_id: Optional[int]) -> tuple[list, bool]:
+    """What a step emits: the accepted drafts and the bonus token, cut at `room` tokens and
+    after an end-of-sequence token; and whether that token ended the sequence."""
+    emitted = (drafts[:accepted] + [bonus])[:room]
+    if eos_token_id is not None and eos_token_id in emitted:
+        return emitted[:emitted.index(eos_token_id) + 1], True
+    return emitted, False
+
+
+def greedy_one_draft(model, input_ids: torch.Tensor, max_new_tokens: int,
+                     eos_token_id: Optional[int], stats: SpeculativeStats,
+                     compile: bool = True) -> list:
+    """The loop above for greedy decoding with one draft per step, each step (verify, accept,
+    draft the next) one compiled call (``minimoe.static_cache.GreedyOneDraft``); returns the
+    token list. ``speculative_generate(..., compile=True)`` takes it when it can."""
+    from minimoe.static_cache import GreedyOneDraft
+
+    length = input_ids.shape[1] + max_new_tokens + 1
+    with GreedyOneDraft(model, length, compile) as runner:
+        first, draft = runner.prefill(input_ids)
+        stats.main_forwards += 1
+        stats.draft_forwards += 1
+        tokens, new_tokens = input_ids[0].tolist() + [first], 1
+        finished = eos_token_id is not None and first == eos_token_id
+        while new_tokens < max_new_tokens and not finished:
+            accepted, bonus, next_draft = runner(tokens[-1], draft)
+            stats.main_forwards += 1
+            stats.draft_forwards += 1  # the next step's draft, made in the same call
+            stats.record([draft], accepted, bonus)
+            emitted, finished = emitted_tokens([draft], accepted, bonus,
+                                               max_new_tokens - new_tokens, eos_token_id)
+            tokens += emitted
+            new_tokens += len(emitted)
+            draft = next_draft
+    stats.new_tokens = new_tokens
+    return tokens

@@ -62,6 +62,7 @@ import torch
 from minimoe.generate import check_request, decode_loop
 from minimoe.mla import MultiHeadLatentAttention
 from minimoe.moe import MoE
+from minimoe.mtp import first_input
 
 # Every distinct shape (batch, T, cache length) and every model is one more compiled graph of
 # the same step function; PyTorch's default of 8 would silently fall back to eager mode.
@@ -240,6 +241,11 @@ class StaticDraft:
         count = embeddings.shape[1]
         self.cache.start_write(count, embeddings.device)
         step = self.step if self.cache.length > 0 else draft_step  # the first call: eager
+        # the inputs are often slices of longer tensors, whose strides change from call to
+        # call (even along a dimension of size 1, which `contiguous()` leaves alone); a graph
+        # is specialised to its inputs' strides, so hand it copies with the standard ones
+        previous_hidden, embeddings = (t.clone(memory_format=torch.contiguous_format)
+                                       for t in (previous_hidden, embeddings))
         with self.modes(embeddings.shape[0] * count):
             hidden = step(self.module, previous_hidden, embeddings, self.cache)
         self.cache.length += count
@@ -258,6 +264,86 @@ def speculative_parts(model, modules: list, max_length: int, compile: bool = Tru
     main = StaticDecoder(model, 1, max_length, compile)
     drafts = [StaticDraft(module, max_length, compile) for module in modules]
     return main, main.cache, drafts, [draft.cache for draft in drafts]
+
+
+def verify_and_draft(model, module, verify_ids: torch.Tensor, main_cache: StaticKVCache,
+                     draft_cache: StaticKVCache) -> torch.Tensor:
+    """One step of greedy speculative decoding with one draft, as one graph.
+
+    verify_ids (1, 2) = [t_{N-1}, d_1], written at positions N-1, N of both caches. The main
+    model verifies d_1; the MTP module then runs on the same two positions, reading
+    (h^0_i, Emb(the main model's greedy token after i)) -- at i = N-1 + accepted that token
+    is the bonus token, before it the accepted draft -- and drafts the next step's d_1 at
+    i = N-1 + accepted. Entries past that position are rolled back by the caller (their
+    inputs were a rejected draft). Returns (4,) long: accepted (0 or 1), the main model's
+    greedy token after t_{N-1} and after d_1, and the next draft.
+    """
+    logits, hidden = main_step(model, verify_ids, main_cache)  # (1, 2, V), (1, 2, C)
+    targets = logits[0].argmax(dim=-1)  # (2,) greedy token after each input
+    accepted = (targets[0] == verify_ids[0, 1]).long()  # () 1 iff the main model chose d_1
+    h, _ = module(first_input(model, hidden), model.embed_tokens(targets[None]),
+                  draft_cache.positions, cache=draft_cache)  # (1, 2, C)
+    last = h.index_select(1, accepted.view(1))  # (1, 1, C) the state at N-1 + accepted
+    next_draft = module.logits(last, model.lm_head)[0, 0].argmax()  # ()
+    return torch.cat([accepted.view(1), targets, next_draft.view(1)])  # (4,)
+
+
+class GreedyOneDraft:
+    """Greedy speculative decoding with one MTP draft per step, one compiled call per step.
+
+    ``minimoe.speculative.speculative_generate`` takes this path for compile=True,
+    temperature 0 and one draft: its general loop makes the main pass, the acceptance and
+    the module's pass three trips through Python per step, which on a small model cost as
+    much as the passes themselves. Here ``verify_and_draft`` does all three, so a step
+    costs one call returning four integers. Same tokens, same caches as the general loop.
+    """
+
+    def __init__(self, model, max_length: int, compile: bool = True) -> None:
+        self.model, self.module = model, model.mtp[0]
+        length = round_up_length(max_length)
+        self.main_cache, self.draft_cache = StaticKVCache(1, length), StaticKVCache(1, length)
+        self.step = (_compiled_step(verify_and_draft, _device_type(model)) if compile
+                     else verify_and_draft)
+        self.modes = DecodeModes(model)  # (the model's modules include its MTP modules)
+        self._step_modes = None
+
+    def __enter__(self) -> "GreedyOneDraft":
+        """The decoding modes of a 2-token step, set once for the whole run (restored on exit)."""
+        self._step_modes = self.modes(2)
+        self._step_modes.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._step_modes.__exit__(*exc)
+
+    def prefill(self, input_ids: torch.Tensor) -> tuple[int, int]:
+        """The prompt (1, T), eagerly: (first new token, the first draft after it)."""
+        model, T = self.model, input_ids.shape[1]
+        self.main_cache.start_write(T, input_ids.device)
+        self.draft_cache.start_write(T, input_ids.device)
+        with self.modes(T):
+            logits, hidden = main_step(model, input_ids, self.main_cache)  # (1, T, V), (1, T, C)
+            first = logits[0, -1].argmax().view(1, 1)  # (1, 1)
+            following = torch.cat([input_ids[:, 1:], first], dim=1)  # (1, T) t_{i+1}
+            h, _ = self.module(first_input(model, hidden), model.embed_tokens(following),
+                               self.draft_cache.positions, cache=self.draft_cache)  # (1, T, C)
+            draft = self.module.logits(h[:, -1:], model.lm_head)[0, 0].argmax()  # ()
+        self.main_cache.length = self.draft_cache.length = T
+        return int(first), int(draft)
+
+    def __call__(self, last_token: int, draft: int) -> tuple[int, int, int]:
+        """Verify `draft` after `last_token`: (accepted 0/1, next token, next draft)."""
+        verify_ids = torch.tensor([[last_token, draft]],
+                                  device=self.model.embed_tokens.weight.device)  # (1, 2)
+        if self._step_modes is None:
+            raise RuntimeError("run GreedyOneDraft steps inside `with GreedyOneDraft(...) as run:`")
+        for cache in (self.main_cache, self.draft_cache):
+            cache.start_write(2, verify_ids.device)
+        accepted, after_last, after_draft, next_draft = self.step(
+            self.model, self.module, verify_ids, self.main_cache, self.draft_cache).tolist()
+        for cache in (self.main_cache, self.draft_cache):
+            cache.length += 1 + accepted  # keep t_{N-1} and an accepted draft
+        return accepted, (after_last, after_draft)[accepted], next_draft
 
 
 @torch.no_grad()

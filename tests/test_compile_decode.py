@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import minimoe
-from minimoe.speculative import speculative_generate
+from minimoe.speculative import SpeculativeStats, greedy_one_draft, speculative_generate
 from minimoe.static_cache import DecodeModes, StaticDecoder, StaticKVCache
 
 ATTENTION = {"mla": {}, "gqa": dict(attention="gqa", num_key_value_heads=2),
@@ -14,9 +14,9 @@ ATTENTION = {"mla": {}, "gqa": dict(attention="gqa", num_key_value_heads=2),
 
 def tiny_model(attention: str = "mla", **overrides) -> minimoe.Transformer:
     torch.manual_seed(0)
-    cfg = minimoe.ModelConfig.preset("toy", num_hidden_layers=2, n_routed_experts=4, n_group=2,
-                                     topk_group=1, initializer_range=0.2,
-                                     **ATTENTION[attention], **overrides)
+    settings = dict(num_hidden_layers=2, n_routed_experts=4, n_group=2, topk_group=1,
+                    initializer_range=0.2, **ATTENTION[attention])
+    cfg = minimoe.ModelConfig.preset("toy", **{**settings, **overrides})
     return minimoe.Transformer(cfg).eval()
 
 
@@ -49,10 +49,53 @@ def test_compiled_generate_equals_eager_greedy():
 
 
 def test_compiled_speculative_equals_greedy():
+    """One draft (the fused step of static_cache.GreedyOneDraft) and two (the general loop
+    over compiled module steps) both give model.generate's greedy tokens."""
     model = tiny_model("mla")
     prompt = torch.randint(0, 256, (1, 6))
-    ids, _ = speculative_generate(model, prompt, 10, compile=True)
-    assert torch.equal(ids, model.generate(prompt, 10))
+    greedy = model.generate(prompt, 10)
+    for drafts in (1, 2):
+        ids, stats = speculative_generate(model, prompt, 10, num_draft_tokens=drafts,
+                                          compile=True)
+        assert torch.equal(ids, greedy), f"{drafts} draft(s)"
+        assert stats.main_forwards < 11 or drafts == 2  # some draft was accepted
+
+
+def fused_and_general(model, prompt, new_tokens, eos=None):
+    """(tokens, stats) of the one-call-per-step loop (run eagerly) and of the general loop."""
+    stats = SpeculativeStats(num_draft_modules=1)
+    stats._grow(1)
+    tokens = greedy_one_draft(model, prompt, new_tokens, eos, stats, compile=False)
+    ids, general = speculative_generate(model, prompt, new_tokens, num_draft_tokens=1,
+                                        eos_token_id=eos)
+    return (tokens, stats), (ids[0].tolist(), general)
+
+
+@pytest.mark.parametrize("new_tokens", [1, 2, 9])
+def test_one_call_step_is_the_general_loop(new_tokens):
+    """Same tokens, same drafts, same acceptances, step by step (the trace), and the same
+    count of main passes; the one-call step drafts once more (its last draft is unused).
+    Short runs and an untrained model (drafts rejected): test_speculative has the trained
+    model whose drafts are also accepted."""
+    model = tiny_model("mla")
+    for seed in range(3):
+        prompt = torch.randint(0, 256, (1, 5), generator=torch.Generator().manual_seed(seed))
+        (tokens, fused), (expected, general) = fused_and_general(model, prompt, new_tokens)
+        assert tokens == expected == model.generate(prompt, new_tokens)[0].tolist()
+        assert fused.trace == general.trace
+        assert fused.main_forwards == general.main_forwards
+        assert fused.draft_forwards == general.draft_forwards + 1
+        assert fused.new_tokens == general.new_tokens == new_tokens
+
+
+def test_one_call_step_stops_at_end_of_sequence():
+    model = tiny_model("mla")
+    prompt = torch.randint(0, 256, (1, 5), generator=torch.Generator().manual_seed(0))
+    free = model.generate(prompt, 8)[0].tolist()
+    eos = free[5 + 3]  # the 4th new token ends the sequence
+    (tokens, _), (expected, _) = fused_and_general(model, prompt, 8, eos=eos)
+    assert tokens == expected
+    assert tokens[-1] == eos and len(tokens) <= 5 + 4
 
 
 def test_decode_modes_gather_only_small_steps_and_restore():

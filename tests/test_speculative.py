@@ -6,8 +6,8 @@ import torch
 import minimoe
 from minimoe import speculative
 from minimoe.model import Transformer
-from minimoe.speculative import (acceptance_probability, residual_distribution,
-                                 speculative_generate)
+from minimoe.speculative import (SpeculativeStats, acceptance_probability, greedy_one_draft,
+                                 residual_distribution, speculative_generate)
 from minimoe.train import TrainArgs, train
 
 MLA_DIMS = dict(q_lora_rank=16, kv_lora_rank=8, qk_nope_head_dim=8, qk_rope_head_dim=4,
@@ -70,6 +70,28 @@ def test_greedy_equals_generate_trained_model_with_rollback(trained):
             assert stats.new_tokens == new
     # both branches (accept and roll back) were exercised
     assert total_accepted > 10 and total_rejected > 5
+
+
+def test_one_call_step_is_the_general_loop_on_a_trained_model(trained):
+    """static_cache.GreedyOneDraft (one call per step: verify, accept, draft the next) makes
+    the general loop's steps: the same drafts, acceptances and tokens, step by step -- run
+    eagerly here, compiled once at the end (the compiled code must not change a token)."""
+    model, val = trained
+    total_accepted = total_rejected = 0
+    for start, new in [(0, 40), (300, 23), (700, 31)]:
+        prompt = val.tokens[start:start + 12].long()[None]
+        stats = SpeculativeStats(num_draft_modules=2)
+        stats._grow(1)
+        tokens = greedy_one_draft(model, prompt, new, None, stats, compile=False)
+        ids, general = speculative_generate(model, prompt, new, num_draft_tokens=1)
+        assert tokens == ids[0].tolist() == model.generate(prompt, new)[0].tolist()
+        assert stats.trace == general.trace
+        assert stats.main_forwards == general.main_forwards
+        total_accepted += sum(stats.accepted)
+        total_rejected += sum(stats.reached) - sum(stats.accepted)
+    assert total_accepted > 10 and total_rejected > 5  # both branches exercised
+    ids, compiled = speculative_generate(model, prompt, new, num_draft_tokens=1, compile=True)
+    assert ids[0].tolist() == tokens and compiled.trace == stats.trace
 
 
 def test_confidence_gate_keeps_greedy_output_and_drafts_less(trained):
