@@ -11,7 +11,8 @@ The toy (random weights, or the checkpoint given) is exported with
 (median of --repeats after a warm-up that also pays every compilation):
 
 * training step (forward + backward + AdamW) on batch x seq tokens. minimoe's loss includes
-  its MTP module and the sequence balance loss (more work than transformers' plain CE);
+  its MTP module and the sequence balance loss (more work than transformers' plain CE), so
+  minimoe also runs without its MTP module (the same main-model weights): the same work;
 * prefill: one forward over a 1 x prefill_len prompt, no grad;
 * greedy decoding at batch 1 and batch 8: minimoe's ``generate`` eager and with
   ``compile=True`` (``minimoe.static_cache``); transformers' ``generate`` with its dynamic
@@ -19,7 +20,8 @@ The toy (random weights, or the checkpoint given) is exported with
   skipped: the row is what a user gets), and with that compilation forced through
   ``CompileConfig`` (its private ``_compile_all_devices`` flag);
 * MTP speculative decoding (``minimoe.speculative``, compiled) against plain compiled
-  decoding.
+  decoding, on one prompt per domain of the synthetic corpus (what the toy was trained on),
+  the two timed in alternation.
 
 Every greedy output is asserted identical to minimoe's eager greedy output. The table
 gives tokens/s and each row's ratio to the best transformers configuration of that task.
@@ -29,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import os
 import statistics
 import tempfile
@@ -37,6 +40,8 @@ import time
 import torch
 
 import minimoe
+from minimoe import data as data_lib
+from minimoe.experiments.mtp import domain_prompts
 from minimoe.speculative import speculative_generate
 from minimoe.train import TrainArgs, load_checkpoint, make_optimizer, train
 
@@ -91,6 +96,16 @@ def train_step_runner(model, forward, batch: torch.Tensor, minimoe_model: bool):
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     return run
+
+
+def without_mtp(model):
+    """A copy of `model` without its MTP modules (transformers' DeepseekV3 has none): the
+    same main-model weights, so the training rows can compare the same work."""
+    cfg = dataclasses.replace(model.cfg, num_nextn_predict_layers=0)
+    copy_ = minimoe.Transformer(cfg)
+    main_weights = {k: v for k, v in model.state_dict().items() if not k.startswith("mtp.")}
+    copy_.load_state_dict(main_weights)  # strict: every main-model tensor, nothing else
+    return copy_
 
 
 def load_transformers(folder: str, implementation: str):
@@ -149,6 +164,11 @@ def bench_training(table, model, hf_models, options, gen) -> None:
         model.train()
         run = train_step_runner(model, forward, batch, True)
         table.add(task, name, B * T, median_seconds(run, options.warmup, options.repeats))
+    main_only = without_mtp(model).train()  # the work transformers does: no MTP module
+    for name, forward in (("minimoe eager, no MTP module", main_only),
+                          ("minimoe torch.compile, no MTP module", torch.compile(main_only))):
+        run = train_step_runner(main_only, forward, batch, True)
+        table.add(task, name, B * T, median_seconds(run, options.warmup, options.repeats))
     for implementation, hf in hf_models.items():
         hf.train()
         run = train_step_runner(hf, hf, batch[:, :T], False)
@@ -196,20 +216,36 @@ def bench_decode(table, model, hf_models, batch_size, options, gen) -> torch.Ten
     return reference
 
 
-def bench_speculative(table, model, options, gen) -> None:
-    prompt = torch.randint(0, model.cfg.vocab_size, (1, options.prompt_len), generator=gen)
-    n = options.new_tokens
-    task = "MTP speculative, batch 1"
-    reference = model.generate(prompt, n, compile=True)
-    ids, stats = speculative_generate(model, prompt, n, compile=True)
-    assert torch.equal(ids, reference), "speculative output differs from greedy"
-    seconds = median_seconds(lambda: model.generate(prompt, n, compile=True),
-                             options.warmup, options.repeats)
-    table.add(task, "minimoe compile=True, plain", n, seconds)
-    seconds = median_seconds(lambda: speculative_generate(model, prompt, n, compile=True),
-                             options.warmup, options.repeats)
-    table.add(task, f"minimoe compile=True, speculative ({stats.tokens_per_forward:.2f} "
-              f"tokens per main pass)", n, seconds)
+def corpus_prompts(prompt_len: int) -> list:
+    """One prompt (1, prompt_len) per domain of the synthetic corpus' validation text: what
+    the toy was trained on, so its MTP module drafts as it would for a user of the toy."""
+    _, val = data_lib.build_corpus(TrainArgs().corpus_tokens, seed=0).split(0.05)
+    by_domain = domain_prompts(val, prompt_len, per_domain=1)
+    return [prompt for prompts in by_domain.values() for prompt in prompts]
+
+
+def bench_speculative(table, model, options) -> None:
+    """Plain against speculative compiled decoding over the corpus prompts, the two timed in
+    alternation (a slow phase of the machine hits both alike), outputs asserted identical."""
+    prompts = corpus_prompts(options.prompt_len)
+    n = options.spec_tokens
+    task = f"MTP speculative, batch 1 ({len(prompts)} corpus prompts)"
+    plain = lambda: [model.generate(p, n, compile=True) for p in prompts]  # noqa: E731
+    speculative = lambda: [speculative_generate(model, p, n, compile=True) for p in prompts]  # noqa: E731,E501
+    passes = []
+    for reference, (ids, stats) in zip(plain(), speculative()):  # also the warm-up
+        assert torch.equal(ids, reference), "speculative output differs from greedy"
+        passes.append(stats.tokens_per_forward)
+    times = {"plain": [], "speculative": []}
+    for _ in range(options.spec_repeats):
+        for name, run in (("plain", plain), ("speculative", speculative)):
+            started = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - started)
+    tokens = len(prompts) * n
+    table.add(task, "minimoe compile=True, plain", tokens, statistics.median(times["plain"]))
+    table.add(task, f"minimoe compile=True, speculative ({statistics.mean(passes):.2f} tokens "
+              f"per main pass)", tokens, statistics.median(times["speculative"]))
 
 
 def parse(argv):
@@ -224,9 +260,11 @@ def parse(argv):
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--hf-decode-impl", default="grouped_mm", choices=EXPERTS_IMPLEMENTATIONS)
     options = parser.parse_args(argv)
-    sizes = dict(train_batch=16, train_len=128, prefill_len=1000, prompt_len=32, new_tokens=64)
+    sizes = dict(train_batch=16, train_len=128, prefill_len=1000, prompt_len=32, new_tokens=64,
+                 spec_tokens=96, spec_repeats=7)
     if options.quick:
-        sizes = dict(train_batch=2, train_len=16, prefill_len=32, prompt_len=8, new_tokens=4)
+        sizes = dict(train_batch=2, train_len=16, prefill_len=32, prompt_len=8, new_tokens=4,
+                     spec_tokens=4, spec_repeats=1)
         options.repeats, options.warmup = 1, 1
     for name, value in sizes.items():
         setattr(options, name, value)
@@ -260,7 +298,7 @@ def main(argv=None) -> int:
     bench_prefill(table, model, hf_models, options, gen)
     for batch_size in (1, 8):
         bench_decode(table, model, hf_models, batch_size, options, gen)
-    bench_speculative(table, model, options, gen)
+    bench_speculative(table, model, options)
     print(f"\nmedian of {options.repeats} after {options.warmup} warm-up; greedy outputs "
           "identical to minimoe eager in every decode row (transformers: up to a float tie, "
           "noted above)\n")
