@@ -39,6 +39,13 @@ over all E experts, most of them idle at one token per sequence (``DecodeModes``
 Rolling back (speculative decoding rejects drafts) is only ``length = n``: the rejected
 entries stay in their slots, masked, until a later write replaces them.
 
+Greedy speculative decoding with one draft (DeepSeek-V3's setting: one MTP module) goes one
+step further (``GreedyOneDraft``): the main model's verify pass, the acceptance test and the
+MTP module's pass that drafts the next token are one compiled function,
+``verify_and_draft``. The module reads, at each verified position, the main model's own
+greedy token after it -- the accepted draft, or the bonus token -- so the drafting needs
+no second trip through Python; a step costs one call that returns four integers.
+
 What the reader should notice
 -----------------------------
 * Nothing about the model changes: the same modules run, with a different cache object.

@@ -24,7 +24,10 @@ The toy (random weights, or the checkpoint given) is exported with
   the two timed in alternation.
 
 Every greedy output is asserted identical to minimoe's eager greedy output. The table
-gives tokens/s and each row's ratio to the best transformers configuration of that task.
+gives tokens/s and each row's ratio to the best transformers configuration of that task
+that a user selects through transformers' public API (the forced compilation is listed,
+and its ratio shows how far ahead of it minimoe is, but it is not that reference). The
+systems of the training and prefill tasks are timed in alternation (``alternating_medians``).
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import functools
 import os
 import statistics
 import tempfile
@@ -48,6 +52,7 @@ from minimoe.train import TrainArgs, load_checkpoint, make_optimizer, train
 EXPERTS_IMPLEMENTATIONS = ("eager", "batched_mm", "grouped_mm")
 
 
+PRIVATE_FLAG_ROW = "compile forced"  # rows that need a private transformers switch
 TIE_MARGIN = 1e-4  # top-2 logit gap below which float rounding may pick either token
 
 
@@ -79,6 +84,21 @@ def median_seconds(run, warmup: int, repeats: int) -> float:
         run()
         times.append(time.perf_counter() - started)
     return statistics.median(times)
+
+
+def alternating_medians(runs: dict, warmup: int, repeats: int) -> dict:
+    """{name: median seconds}: every run warmed up, then timed in rounds of one call each,
+    so that a slow phase of a shared machine hits every system of a task alike."""
+    for run in runs.values():
+        for _ in range(warmup):
+            run()
+    times = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, run in runs.items():
+            started = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - started)
+    return {name: statistics.median(seconds) for name, seconds in times.items()}
 
 
 def train_step_runner(model, forward, batch: torch.Tensor, minimoe_model: bool):
@@ -144,7 +164,10 @@ class Table:
         lines = ["| task | system | tokens/s | vs best transformers |", "|---|---|---:|---:|"]
         for task in dict.fromkeys(row[0] for row in self.rows):
             rows = [row for row in self.rows if row[0] == task]
-            hf = [speed for _, system, speed in rows if system.startswith("transformers")]
+            # the best configuration a user selects through transformers' public API: the
+            # compilation forced through a private flag is reported, not a reference
+            hf = [speed for _, system, speed in rows
+                  if system.startswith("transformers") and PRIVATE_FLAG_ROW not in system]
             best = max(hf) if hf else None
             for _, system, speed in rows:
                 ratio = f"{speed / best:.2f}x" if best else "-"
@@ -160,23 +183,19 @@ def bench_training(table, model, hf_models, options, gen) -> None:
     # the exported weights in both libraries
     saved = {name: copy.deepcopy(m.state_dict()) for name, m in [("minimoe", model),
                                                                   *hf_models.items()]}
-    for name, forward in (("minimoe eager", model), ("minimoe torch.compile", torch.compile(model))):
-        model.train()
-        run = train_step_runner(model, forward, batch, True)
-        table.add(task, name, B * T, median_seconds(run, options.warmup, options.repeats))
-    main_only = without_mtp(model).train()  # the work transformers does: no MTP module
-    for name, forward in (("minimoe eager, no MTP module", main_only),
-                          ("minimoe torch.compile, no MTP module", torch.compile(main_only))):
-        run = train_step_runner(main_only, forward, batch, True)
-        table.add(task, name, B * T, median_seconds(run, options.warmup, options.repeats))
+    main_only = without_mtp(model)  # the work transformers does: no MTP module
+    runs = {}
+    for suffix, m in (("", model), (", no MTP module", main_only)):
+        m.train()
+        runs[f"minimoe eager{suffix}"] = train_step_runner(m, m, batch, True)
+        runs[f"minimoe torch.compile{suffix}"] = train_step_runner(m, torch.compile(m), batch, True)
     for implementation, hf in hf_models.items():
         hf.train()
-        run = train_step_runner(hf, hf, batch[:, :T], False)
-        table.add(task, f"transformers {implementation}", B * T,
-                  median_seconds(run, options.warmup, options.repeats))
-        hf.eval()
-    model.eval()
+        runs[f"transformers {implementation}"] = train_step_runner(hf, hf, batch[:, :T], False)
+    for name, seconds in alternating_medians(runs, options.warmup, options.repeats).items():
+        table.add(task, name, B * T, seconds)
     for name, m in [("minimoe", model), *hf_models.items()]:
+        m.eval()
         m.load_state_dict(saved[name])
 
 
@@ -184,13 +203,13 @@ def bench_prefill(table, model, hf_models, options, gen) -> None:
     prompt = torch.randint(0, model.cfg.vocab_size, (1, options.prefill_len), generator=gen)
     task = f"prefill 1x{options.prefill_len}"
     compiled = torch.compile(model)
+    runs = {"minimoe eager": lambda: model(prompt), "minimoe torch.compile": lambda: compiled(prompt)}
+    for implementation, hf in hf_models.items():
+        runs[f"transformers {implementation}"] = functools.partial(hf, prompt)
     with torch.no_grad():
-        for name, forward in (("minimoe eager", model), ("minimoe torch.compile", compiled)):
-            seconds = median_seconds(lambda: forward(prompt), options.warmup, options.repeats)
-            table.add(task, name, options.prefill_len, seconds)
-        for implementation, hf in hf_models.items():
-            seconds = median_seconds(lambda: hf(prompt), options.warmup, options.repeats)
-            table.add(task, f"transformers {implementation}", options.prefill_len, seconds)
+        medians = alternating_medians(runs, options.warmup, options.repeats)
+    for name, seconds in medians.items():
+        table.add(task, name, options.prefill_len, seconds)
 
 
 def bench_decode(table, model, hf_models, batch_size, options, gen) -> torch.Tensor:
