@@ -108,8 +108,8 @@ toy), correct but no faster -- compile the sorted dispatch.
 
 What the sorted path costs on a CPU
 -----------------------------------
-Both dispatches do the same arithmetic: 3 matmuls of 2 M C I flops forward, 6 backward
-(M = N * k slots). The sorted path spends nearly all its time in them (80% of a profile on
+The naive and sorted dispatches do the same arithmetic: 3 matmuls of 2 M C I flops
+forward, 6 backward (M = N * k slots). The sorted path spends nearly all its time in them (80% of a profile on
 2 cores with expert width 256, 90% with 1024): there is little left to win without a faster
 matmul. Measured on the 2-core development CPU (8192 tokens, C = 512, 64 experts, top-6,
 float32, forward + backward): naive 1.56 s vs sorted 0.80 s at I = 256 (1.9x), naive
@@ -177,7 +177,7 @@ PROBE_RESULTS: dict = {}  # (device type, index, dtype) -> bool, what torch.comp
 
 
 # ----------------------------------------------------------------------------------------------
-# Checks shared by both dispatches
+# Checks shared by the dispatches
 # ----------------------------------------------------------------------------------------------
 def _check_routing(x, topk_idx, topk_weight, experts, mask) -> None:
     """Shapes, and every computed slot's expert index in [0, experts.num_experts)."""

@@ -1,4 +1,4 @@
-"""Tests for minimoe.experts and minimoe.moe: the experts, both dispatches, the MoE layer."""
+"""Tests for minimoe.experts and minimoe.moe: the experts, the three dispatches, the MoE layer."""
 
 import pytest
 import torch

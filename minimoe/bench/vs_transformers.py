@@ -170,7 +170,8 @@ class Table:
                   if system.startswith("transformers") and PRIVATE_FLAG_ROW not in system]
             best = max(hf) if hf else None
             for _, system, speed in rows:
-                ratio = f"{speed / best:.2f}x" if best else "-"
+                # a task without transformers rows (speculative decoding): ratios to its first
+                ratio = f"{speed / best:.2f}x" if best else f"{speed / rows[0][2]:.2f}x its first row"
                 lines.append(f"| {task} | {system} | {speed:.1f} | {ratio} |")
         return "\n".join(lines)
 
