@@ -109,9 +109,9 @@ toy), correct but no faster -- compile the sorted dispatch.
 What the sorted path costs on a CPU
 -----------------------------------
 The naive and sorted dispatches do the same arithmetic: 3 matmuls of 2 M C I flops
-forward, 6 backward (M = N * k slots). The sorted path spends nearly all its time in them (80% of a profile on
-2 cores with expert width 256, 90% with 1024): there is little left to win without a faster
-matmul. Measured on the 2-core development CPU (8192 tokens, C = 512, 64 experts, top-6,
+forward, 6 backward (M = N * k slots). The sorted path spends nearly all its time in them
+(80% of a profile on 2 cores with expert width 256, 90% with 1024): there is little left
+to win without a faster matmul. Measured on the 2-core development CPU (8192 tokens, C = 512, 64 experts, top-6,
 float32, forward + backward): naive 1.56 s vs sorted 0.80 s at I = 256 (1.9x), naive
 6.9 s vs sorted 2.8 s at I = 1024 (2.4x); repeated runs vary by 10-20%. A hand-written
 ``torch.autograd.Function`` for the whole block (recomputing silu, in-place temporaries)
@@ -484,9 +484,9 @@ class MoE(nn.Module):
       gate            minimoe.router.Router(cfg)
       experts         RoutedExperts(n_routed_experts, C, moe_intermediate_size)
       shared_experts  SwiGLU(C, n_shared_experts * moe_intermediate_size) or None
-    Attribute ``dispatch`` (from cfg.dispatch): which of ``DISPATCHES`` runs the routed
-    experts; a per-layer setting, so that a decoder may switch it for its steps
-    (``minimoe.static_cache`` sets "gather" while decoding).
+    ``dispatch``: which of ``DISPATCHES`` runs the routed experts -- cfg.dispatch, unless
+    ``dispatch_override`` names another for this layer (``minimoe.static_cache`` sets
+    "gather" for its decode steps, and puts None back after).
     Buffer tokens_per_expert (E,) long, not saved: kept slots per expert (all E = routed +
     zero experts) counted in training mode since the last ``update_expert_bias``. Long,
     not float: ``model.to(torch.bfloat16)`` converts float buffers, and bf16 cannot count
@@ -502,7 +502,7 @@ class MoE(nn.Module):
         self.n_zero_experts = cfg.n_zero_experts
         self.n_experts = cfg.n_routed_experts + cfg.n_zero_experts  # E: what the router scores
         self.top_k = cfg.num_experts_per_tok
-        self.dispatch = cfg.dispatch  # "naive" | "sorted" | "gather" (DISPATCHES)
+        self.dispatch_override: Optional[str] = None  # None: cfg.dispatch
         self.gate = Router(cfg)
         self.experts = RoutedExperts(cfg.n_routed_experts, cfg.hidden_size,
                                      cfg.moe_intermediate_size, init_std=cfg.initializer_range)
@@ -516,6 +516,11 @@ class MoE(nn.Module):
         weight = self.experts.gate_proj
         if cfg.dispatch != "naive" and weight.device.type != "meta":  # answer ready for compile
             grouped_mm_backend(weight.device, weight.dtype)
+
+    @property
+    def dispatch(self) -> str:
+        """"naive" | "sorted" | "gather": the key of ``DISPATCHES`` this layer runs."""
+        return self.dispatch_override or self.cfg.dispatch
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, dict]:
         """x (B, T, C) -> (y (B, T, C), aux {"losses": {...}, "router": router_stats})."""

@@ -132,9 +132,9 @@ class DecodeModes:
     """How the modules of `model` compute while decoding (the function does not change).
 
     * every MLA module runs "absorbed" (scores against the cached latent, see above);
-    * every MoE layer runs ``minimoe.moe.dispatch_gather`` when a step has no more
-      token-slots than routed experts (batch * T * k <= E): each slot reads its own expert's
-      matrices, with shapes fixed by the step's size, instead of sorting the slots.
+    * every MoE layer on the sorted dispatch runs ``minimoe.moe.dispatch_gather`` when a
+      step has no more token-slots than routed experts (batch * T * k <= E): each slot reads
+      its own expert's matrices, with shapes fixed by the step's size, instead of sorting.
     The modules are listed once, so entering costs a few attribute writes per step.
     """
 
@@ -145,19 +145,21 @@ class DecodeModes:
     @contextlib.contextmanager
     def __call__(self, num_tokens: int):
         """Inside the block: the decoding modes for a step of num_tokens tokens (batch * T)."""
-        saved = [m.mla_mode for m in self.mla], [m.dispatch for m in self.moe]
+        saved = [m.mla_mode for m in self.mla], [m.dispatch_override for m in self.moe]
         for module in self.mla:
             module.mla_mode = "absorbed"
-        for layer in self.moe:
-            if num_tokens * layer.top_k <= layer.n_routed_experts:
-                layer.dispatch = "gather"
+        for layer in self.moe:  # (a layer on the naive loop stays there: offloaded experts
+            # are not stacked in memory, and the readable loop was asked for)
+            few_slots = num_tokens * layer.top_k <= layer.n_routed_experts
+            if layer.cfg.dispatch == "sorted" and few_slots:
+                layer.dispatch_override = "gather"
         try:
             yield
         finally:
             for module, mode in zip(self.mla, saved[0]):
                 module.mla_mode = mode
-            for layer, dispatch in zip(self.moe, saved[1]):
-                layer.dispatch = dispatch
+            for layer, override in zip(self.moe, saved[1]):
+                layer.dispatch_override = override
 
 
 def main_step(model, input_ids: torch.Tensor, cache: StaticKVCache):

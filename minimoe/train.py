@@ -103,7 +103,10 @@ class TrainArgs:
     mtp_loss_weight_after: float = 0.1
     progress: bool = True
     save: bool = True
-    compile: bool = False  # torch.compile the training forward (and so its backward)
+    # torch.compile the training forward (and so its backward). Off by default: on 2 CPU
+    # cores the toy's step gets ~1.3x faster, but compiling takes ~90 s on a cold cache, more
+    # than that saves in the 4-minute main job (notebooks/results/vs_transformers.md)
+    compile: bool = False
 
 
 # The settings that define a run: --resume with a different value would silently train a

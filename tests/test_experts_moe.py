@@ -259,11 +259,13 @@ def test_gather_layer_agrees_with_sorted_and_is_a_per_layer_switch():
     layer = MoE(small_cfg(n_zero_experts=2)).eval()
     x = torch.randn(1, 3, 16)
     sorted_out, _ = layer(x)
-    layer.dispatch = "gather"
+    layer.dispatch_override = "gather"
     assert "dispatch='gather'" in repr(layer)
     gather_out, _ = layer(x)
     torch.testing.assert_close(gather_out, sorted_out, atol=1e-6, rtol=1e-5)
     assert layer.cfg.dispatch == "sorted"  # the config is not touched
+    layer.dispatch_override = None
+    assert layer.dispatch == "sorted"
 
 
 def test_out_of_range_expert_index_is_rejected():

@@ -171,7 +171,8 @@ class Table:
             best = max(hf) if hf else None
             for _, system, speed in rows:
                 # a task without transformers rows (speculative decoding): ratios to its first
-                ratio = f"{speed / best:.2f}x" if best else f"{speed / rows[0][2]:.2f}x its first row"
+                first = rows[0][2]
+                ratio = f"{speed / best:.2f}x" if best else f"{speed / first:.2f}x its first row"
                 lines.append(f"| {task} | {system} | {speed:.1f} | {ratio} |")
         return "\n".join(lines)
 
@@ -204,7 +205,8 @@ def bench_prefill(table, model, hf_models, options, gen) -> None:
     prompt = torch.randint(0, model.cfg.vocab_size, (1, options.prefill_len), generator=gen)
     task = f"prefill 1x{options.prefill_len}"
     compiled = torch.compile(model)
-    runs = {"minimoe eager": lambda: model(prompt), "minimoe torch.compile": lambda: compiled(prompt)}
+    runs = {"minimoe eager": functools.partial(model, prompt),
+            "minimoe torch.compile": functools.partial(compiled, prompt)}
     for implementation, hf in hf_models.items():
         runs[f"transformers {implementation}"] = functools.partial(hf, prompt)
     with torch.no_grad():
@@ -250,22 +252,23 @@ def bench_speculative(table, model, options) -> None:
     prompts = corpus_prompts(options.prompt_len)
     n = options.spec_tokens
     task = f"MTP speculative, batch 1 ({len(prompts)} corpus prompts)"
-    plain = lambda: [model.generate(p, n, compile=True) for p in prompts]  # noqa: E731
-    speculative = lambda: [speculative_generate(model, p, n, compile=True) for p in prompts]  # noqa: E731,E501
+
+    def plain():
+        return [model.generate(p, n, compile=True) for p in prompts]
+
+    def speculative():
+        return [speculative_generate(model, p, n, compile=True) for p in prompts]
+
     passes = []
     for reference, (ids, stats) in zip(plain(), speculative()):  # also the warm-up
         assert torch.equal(ids, reference), "speculative output differs from greedy"
         passes.append(stats.tokens_per_forward)
-    times = {"plain": [], "speculative": []}
-    for _ in range(options.spec_repeats):
-        for name, run in (("plain", plain), ("speculative", speculative)):
-            started = time.perf_counter()
-            run()
-            times[name].append(time.perf_counter() - started)
+    medians = alternating_medians({"plain": plain, "speculative": speculative}, 0,
+                                  options.spec_repeats)  # (warmed up above)
     tokens = len(prompts) * n
-    table.add(task, "minimoe compile=True, plain", tokens, statistics.median(times["plain"]))
+    table.add(task, "minimoe compile=True, plain", tokens, medians["plain"])
     table.add(task, f"minimoe compile=True, speculative ({statistics.mean(passes):.2f} tokens "
-              f"per main pass)", tokens, statistics.median(times["speculative"]))
+              f"per main pass)", tokens, medians["speculative"])
 
 
 def parse(argv):
