@@ -151,8 +151,9 @@ class DecodeModes:
         for layer in self.moe:  # (a layer on the naive loop stays there: offloaded experts
             # are not stacked in memory, and the readable loop was asked for)
             few_slots = num_tokens * layer.top_k <= layer.n_routed_experts
-            if layer.cfg.dispatch == "sorted" and few_slots:
-                layer.dispatch_override = "gather"
+            # (None, not "unchanged", otherwise: these modes may be nested in another's)
+            layer.dispatch_override = ("gather" if layer.cfg.dispatch == "sorted" and few_slots
+                                       else None)
         try:
             yield
         finally:

@@ -110,6 +110,8 @@ def test_decode_modes_gather_only_small_steps_and_restore():
             assert all(m.mla_mode == "absorbed" for m in modes.mla)
         assert [m.dispatch for m in modes.moe] == ["sorted"] * 2
         assert all(m.mla_mode == "latent" for m in modes.mla)
+    with modes(1), modes(3):  # nested: a long step inside a decoding run sorts its slots
+        assert [m.dispatch for m in modes.moe] == ["sorted"] * 2
 
 
 def test_static_cache_errors():
