@@ -434,7 +434,9 @@ def greedy_one_draft(model, input_ids: torch.Tensor, max_new_tokens: int,
     token list. ``speculative_generate(..., compile=True)`` takes it when it can."""
     from minimoe.static_cache import GreedyOneDraft
 
-    length = input_ids.shape[1] + max_new_tokens + 1
+    # a step verifies positions N-1 and N of N < T + max_new_tokens tokens: the caches need
+    # T + max_new_tokens slots, no more (every slot is attended to, masked or not)
+    length = input_ids.shape[1] + max_new_tokens
     with GreedyOneDraft(model, length, compile) as runner:
         first, draft = runner.prefill(input_ids)
         stats.main_forwards += 1
