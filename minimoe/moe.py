@@ -108,18 +108,18 @@ toy), correct but no faster -- compile the sorted dispatch.
 
 What the sorted path costs on a CPU
 -----------------------------------
-The naive and sorted dispatches do the same arithmetic: 3 matmuls of 2 M C I flops
-forward, 6 backward (M = N * k slots). The sorted path spends nearly all its time in them
-(80% of a profile on 2 cores with expert width 256, 90% with 1024): there is little left
-to win without a faster matmul. Measured on the 2-core development CPU (8192 tokens, C = 512, 64 experts, top-6,
-float32, forward + backward): naive 1.56 s vs sorted 0.80 s at I = 256 (1.9x), naive
-6.9 s vs sorted 2.8 s at I = 1024 (2.4x); repeated runs vary by 10-20%. A hand-written
-``torch.autograd.Function`` for the whole block (recomputing silu, in-place temporaries)
-was measured as well: no faster, and with a *higher* peak memory, because a custom Function
-keeps all its saved tensors until its backward returns, while autograd frees each node's
-saved tensors as soon as that node is done. Large fresh buffers do matter on a CPU (the
-first touch of each page of a new 100 MB tensor costs page faults), which is also why the
-naive loop's backward, with its full-size zero gradients, is slow.
+The naive and sorted dispatches do the same arithmetic: 3 matmuls of 2 M C I flops forward,
+6 backward (M = N * k slots). The sorted path spends nearly all its time in them (80% of a
+profile on 2 cores with expert width 256, 90% with 1024): there is little left to win
+without a faster matmul. Measured on the 2-core development CPU (8192 tokens, C = 512, 64
+experts, top-6, float32, forward + backward): naive 1.56 s vs sorted 0.80 s at I = 256
+(1.9x), naive 6.9 s vs sorted 2.8 s at I = 1024 (2.4x); repeated runs vary by 10-20%. A
+hand-written ``torch.autograd.Function`` for the whole block (recomputing silu, in-place
+temporaries) was measured as well: no faster, and with a *higher* peak memory, because a
+custom Function keeps all its saved tensors until its backward returns, while autograd frees
+each node's saved tensors as soon as that node is done. Large fresh buffers do matter on a
+CPU (the first touch of each page of a new 100 MB tensor costs page faults), which is also
+why the naive loop's backward, with its full-size zero gradients, is slow.
 ``python -m minimoe.bench.moe_dispatch`` prints the comparison.
 
 Zero-computation experts (LongCat-Flash technical report, §2)

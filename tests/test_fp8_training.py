@@ -14,7 +14,7 @@ from minimoe.fp8 import (Fp8Linear, Fp8Recipe, dequantize_act_1x128, dequantize_
                          fp8_grouped_linear, quantize_act_1x128, quantize_stacked_weights_128x128,
                          quantize_weight_128x128)
 from minimoe.model import Transformer
-from minimoe.moe import dispatch_naive, dispatch_sorted
+from minimoe.moe import dispatch_gather, dispatch_naive, dispatch_sorted
 from minimoe.norm import RMSNorm
 from minimoe.router import Router
 
@@ -155,6 +155,9 @@ def test_fp8_dispatches_agree_and_track_float32(intermediate):
     assert rel(sorted8[0], reference[0]) < 0.1 and rel(sorted8[1], reference[1]) < 0.1
     for g8, g32 in zip(sorted8[2], reference[2]):
         assert rel(g8[:3], g32[:3]) < 0.1
+    # the gather dispatch (decoding) hands FP8 experts to their grouped products
+    gather8 = run(experts8, dispatch_gather)
+    assert torch.equal(gather8[0], sorted8[0])
 
 
 # ----------------------------------------------------------------------------- whole model
