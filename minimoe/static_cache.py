@@ -325,6 +325,7 @@ class GreedyOneDraft:
 
     def __exit__(self, *exc) -> None:
         self._step_modes.__exit__(*exc)
+        self._step_modes = None
 
     def prefill(self, input_ids: torch.Tensor) -> tuple[int, int]:
         """The prompt (1, T), eagerly: (first new token, the first draft after it)."""
