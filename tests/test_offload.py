@@ -139,3 +139,16 @@ def test_offload_errors(checkpoint, tmp_path):
     save_file(tensors, str(broken / shard))
     with pytest.raises(ValueError, match=rf"{name} \(in {shard}\) has shape \(16, 32\)"):
         minimoe.load_pretrained(broken, offload_experts=True)
+
+
+def test_offloaded_model_decodes_over_the_static_cache(checkpoint):
+    """The static-cache decoder switches sorted-dispatch layers to the gather dispatch for its
+    steps; an offloaded model's layers stay on the per-expert loop and decode the same tokens."""
+    from minimoe.static_cache import generate_static
+
+    normal = minimoe.load_pretrained(checkpoint)
+    offloaded = minimoe.load_pretrained(checkpoint, offload_experts=True, expert_cache_size=3)
+    prompt = torch.randint(0, 64, (1, 5), generator=torch.Generator().manual_seed(3))
+    expected = normal.generate(prompt, 6)
+    assert torch.equal(generate_static(offloaded, prompt, 6, compile=False), expected)
+    assert torch.equal(generate_static(normal, prompt, 6, compile=False), expected)
