@@ -50,7 +50,8 @@ def test_compiled_generate_equals_eager_greedy():
 
 def test_compiled_speculative_equals_greedy():
     """One draft (the fused step of static_cache.GreedyOneDraft) and two (the general loop
-    over compiled module steps) both give model.generate's greedy tokens."""
+    over compiled module steps) both give model.generate's greedy tokens (an untrained model:
+    its drafts are rejected; test_speculative compiles the one-call step on a trained one)."""
     model = tiny_model("mla")
     prompt = torch.randint(0, 256, (1, 6))
     greedy = model.generate(prompt, 10)
@@ -58,7 +59,7 @@ def test_compiled_speculative_equals_greedy():
         ids, stats = speculative_generate(model, prompt, 10, num_draft_tokens=drafts,
                                           compile=True)
         assert torch.equal(ids, greedy), f"{drafts} draft(s)"
-        assert stats.main_forwards < 11 or drafts == 2  # some draft was accepted
+        assert stats.new_tokens == 10
 
 
 def fused_and_general(model, prompt, new_tokens, eos=None):
