@@ -178,18 +178,23 @@ def test_sorted_with_nothing_to_compute(backend):
     assert torch.equal(experts.gate_proj.grad, torch.zeros_like(experts.gate_proj))
 
 
+@pytest.mark.parametrize("dispatch", [dispatch_sorted, dispatch_gather])
 @given(
     N=st.integers(1, 40), C=st.sampled_from([4, 6, 8, 16]), I=st.sampled_from([3, 4, 8, 12]),
-    E=st.integers(1, 7), k=st.integers(1, 3), seed=st.integers(0, 2**16),
+    E=st.integers(1, 7), k=st.integers(1, 3), masked=st.booleans(), seed=st.integers(0, 2**16),
 )
-def test_sorted_matches_naive_property(N, C, I, E, k, seed):
+def test_dispatch_matches_naive_property(dispatch, N, C, I, E, k, masked, seed):
+    """Outputs and every gradient, with and without a mask."""
     gen = torch.Generator().manual_seed(seed)
     experts = RoutedExperts(E, C, I, init_std=0.3)
     x = torch.randn(N, C, generator=gen)
     topk_idx = torch.randint(0, E, (N, k), generator=gen)  # repeats allowed: still a valid sum
     topk_weight = torch.rand(N, k, generator=gen)
-    naive = outputs_and_grads(dispatch_naive, x, topk_idx, topk_weight, experts)
-    fast = outputs_and_grads(dispatch_sorted, x, topk_idx, topk_weight, experts)
+    mask = torch.rand(N, k, generator=gen) > 0.4 if masked else None
+    if masked:
+        mask[0, 0] = True  # (with nothing computed, the naive loop's zeros have no gradient)
+    naive = outputs_and_grads(dispatch_naive, x, topk_idx, topk_weight, experts, mask=mask)
+    fast = outputs_and_grads(dispatch, x, topk_idx, topk_weight, experts, mask=mask)
     assert_same(naive, fast)
 
 
@@ -233,25 +238,6 @@ def test_gather_matches_brute_force_with_a_mask():
     out = dispatch_gather(x, topk_idx, topk_weight, experts, mask=mask)
     torch.testing.assert_close(out.double(), brute_force(x, topk_idx, topk_weight, experts, mask),
                                atol=1e-5, rtol=1e-5)
-
-
-@given(
-    N=st.integers(1, 12), C=st.sampled_from([4, 8, 16]), I=st.sampled_from([3, 8]),
-    E=st.integers(1, 9), k=st.integers(1, 3), masked=st.booleans(), seed=st.integers(0, 2**16),
-)
-def test_gather_matches_naive_property(N, C, I, E, k, masked, seed):
-    """Outputs and every gradient, repeated experts in a token's slots included."""
-    gen = torch.Generator().manual_seed(seed)
-    experts = RoutedExperts(E, C, I, init_std=0.3)
-    x = torch.randn(N, C, generator=gen)
-    topk_idx = torch.randint(0, E, (N, k), generator=gen)
-    topk_weight = torch.rand(N, k, generator=gen)
-    mask = torch.rand(N, k, generator=gen) > 0.4 if masked else None
-    if masked:
-        mask[0, 0] = True  # (with nothing computed, the naive loop's zeros have no gradient)
-    naive = outputs_and_grads(dispatch_naive, x, topk_idx, topk_weight, experts, mask=mask)
-    gather = outputs_and_grads(dispatch_gather, x, topk_idx, topk_weight, experts, mask=mask)
-    assert_same(naive, gather)
 
 
 def test_gather_layer_agrees_with_sorted_and_is_a_per_layer_switch():
