@@ -148,10 +148,10 @@ class DecodeModes:
         saved = [m.mla_mode for m in self.mla], [m.dispatch_override for m in self.moe]
         for module in self.mla:
             module.mla_mode = "absorbed"
-        for layer in self.moe:  # (a layer on the naive loop stays there: offloaded experts
-            # are not stacked in memory, and the readable loop was asked for)
+        for layer in self.moe:
+            # a layer on the naive loop stays there (offloaded experts are not stacked in
+            # memory); otherwise None, not "unchanged": these modes may be nested in another's
             few_slots = num_tokens * layer.top_k <= layer.n_routed_experts
-            # (None, not "unchanged", otherwise: these modes may be nested in another's)
             layer.dispatch_override = ("gather" if layer.cfg.dispatch == "sorted" and few_slots
                                        else None)
         try:
@@ -291,11 +291,20 @@ def verify_and_draft(model, module, verify_ids: torch.Tensor, main_cache: Static
     logits, hidden = main_step(model, verify_ids, main_cache)  # (1, 2, V), (1, 2, C)
     targets = logits[0].argmax(dim=-1)  # (2,) greedy token after each input
     accepted = (targets[0] == verify_ids[0, 1]).long()  # () 1 iff the main model chose d_1
-    h, _ = module(first_input(model, hidden), model.embed_tokens(targets[None]),
-                  draft_cache.positions, cache=draft_cache)  # (1, 2, C)
-    last = h.index_select(1, accepted.view(1))  # (1, 1, C) the state at N-1 + accepted
-    next_draft = module.logits(last, model.lm_head)[0, 0].argmax()  # ()
+    next_draft = greedy_draft(model, module, hidden, targets[None], draft_cache,
+                              at=accepted.view(1))  # () drafted at N-1 + accepted
     return torch.cat([accepted.view(1), targets, next_draft.view(1)])  # (4,)
+
+
+def greedy_draft(model, module, hidden: torch.Tensor, following: torch.Tensor,
+                 draft_cache: StaticKVCache, at: torch.Tensor) -> torch.Tensor:
+    """The MTP module over positions ``draft_cache.positions`` (writing its cache), reading
+    h^0_i (main-model states hidden (1, P, C)) and Emb(t_{i+1}) (following (1, P)); its greedy
+    draft at position index ``at`` (1,) long: a () token id."""
+    h, _ = module(first_input(model, hidden), model.embed_tokens(following),
+                  draft_cache.positions, cache=draft_cache)  # (1, P, C)
+    state = h.index_select(1, at)  # (1, 1, C)
+    return module.logits(state, model.lm_head)[0, 0].argmax()  # ()
 
 
 class GreedyOneDraft:
@@ -336,9 +345,8 @@ class GreedyOneDraft:
             logits, hidden = main_step(model, input_ids, self.main_cache)  # (1, T, V), (1, T, C)
             first = logits[0, -1].argmax().view(1, 1)  # (1, 1)
             following = torch.cat([input_ids[:, 1:], first], dim=1)  # (1, T) t_{i+1}
-            h, _ = self.module(first_input(model, hidden), model.embed_tokens(following),
-                               self.draft_cache.positions, cache=self.draft_cache)  # (1, T, C)
-            draft = self.module.logits(h[:, -1:], model.lm_head)[0, 0].argmax()  # ()
+            last = torch.tensor([T - 1], device=input_ids.device)  # (1,)
+            draft = greedy_draft(model, self.module, hidden, following, self.draft_cache, last)
         self.main_cache.length = self.draft_cache.length = T
         return int(first), int(draft)
 
