@@ -32,6 +32,36 @@ def test_learning_rate_schedule_formula():
     assert learning_rate(110, args) == pytest.approx(0.1)
 
 
+def test_make_optimizer_is_fused_adamw_with_decay_on_matrices_only():
+    """Two steps of make_optimizer's (fused) AdamW against the AdamW formula (Loshchilov &
+    Hutter, Algorithm 2, as torch.optim.AdamW writes it) on a matrix and a vector."""
+    from minimoe.train import make_optimizer
+
+    torch.manual_seed(0)
+    model = torch.nn.Module()
+    model.matrix = torch.nn.Parameter(torch.randn(3, 4))
+    model.vector = torch.nn.Parameter(torch.randn(4))
+    args = TrainArgs(lr=0.1, weight_decay=0.5)
+    optimizer = make_optimizer(model, args)
+    assert all(group["fused"] for group in optimizer.param_groups)  # on the CPU
+    beta1, beta2, eps = 0.9, 0.95, 1e-8
+    expected = {"matrix": model.matrix.detach().clone(), "vector": model.vector.detach().clone()}
+    moments = {name: (torch.zeros_like(p), torch.zeros_like(p)) for name, p in expected.items()}
+    for step in (1, 2):
+        grads = {"matrix": torch.randn(3, 4), "vector": torch.randn(4)}
+        model.matrix.grad, model.vector.grad = grads["matrix"].clone(), grads["vector"].clone()
+        optimizer.step()
+        for name, decay in (("matrix", 0.5), ("vector", 0.0)):  # decay on dim >= 2 only
+            m, v = moments[name]
+            m.mul_(beta1).add_((1 - beta1) * grads[name])
+            v.mul_(beta2).add_((1 - beta2) * grads[name] ** 2)
+            m_hat, v_hat = m / (1 - beta1 ** step), v / (1 - beta2 ** step)
+            expected[name] = (expected[name] * (1 - args.lr * decay)
+                              - args.lr * m_hat / (v_hat.sqrt() + eps))
+    torch.testing.assert_close(model.matrix.detach(), expected["matrix"], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(model.vector.detach(), expected["vector"], rtol=1e-5, atol=1e-6)
+
+
 def test_training_reduces_loss_and_checkpoint_round_trips(tmp_path):
     args = tiny_args(tmp_path)
     model, history, (_, val) = train(args)
