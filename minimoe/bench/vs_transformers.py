@@ -8,7 +8,8 @@ The toy (random weights, or the checkpoint given) is exported with
 ``minimoe.save_pretrained`` as a DeepSeek-V3 checkpoint and loaded by transformers'
 ``AutoModelForCausalLM`` once per experts implementation (``experts_implementation=``
 "eager", "batched_mm", "grouped_mm": its public switch). Rows, each timed in this one run
-(median of --repeats after a warm-up that also pays every compilation):
+(a warm-up also pays every compilation; then the median of --repeats calls, or for the
+tasks timed in alternation the median of --rounds rounds):
 
 * training step (forward + backward + AdamW) on batch x seq tokens. minimoe's loss includes
   its MTP module and the sequence balance loss (more work than transformers' plain CE), so
@@ -196,7 +197,7 @@ def bench_training(table, model, hf_models, options, gen) -> None:
     for implementation, hf in hf_models.items():
         hf.train()
         runs[f"transformers {implementation}"] = train_step_runner(hf, hf, batch[:, :T], False)
-    for name, seconds in alternating_medians(runs, options.warmup, options.repeats).items():
+    for name, seconds in alternating_medians(runs, options.warmup, options.rounds).items():
         table.add(task, name, B * T, seconds)
     for name, m in [("minimoe", model), *hf_models.items()]:
         m.eval()
@@ -212,7 +213,7 @@ def bench_prefill(table, model, hf_models, options, gen) -> None:
     for implementation, hf in hf_models.items():
         runs[f"transformers {implementation}"] = functools.partial(hf, prompt)
     with torch.no_grad():
-        medians = alternating_medians(runs, options.warmup, options.repeats)
+        medians = alternating_medians(runs, options.warmup, options.rounds)
     for name, seconds in medians.items():
         table.add(task, name, options.prefill_len, seconds)
 
@@ -281,7 +282,10 @@ def parse(argv):
     parser.add_argument("--train-steps", type=int, default=300,
                         help="steps of training for the toy when no --checkpoint is given")
     parser.add_argument("--quick", action="store_true", help="tiny sizes, one repeat")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=3, help="timed calls per decode row")
+    parser.add_argument("--rounds", type=int, default=9,
+                        help="timed rounds of the training and prefill tasks (each round runs "
+                        "every system once: a shared machine's slow phases vary by 10-20%%)")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--hf-decode-impl", default="grouped_mm", choices=EXPERTS_IMPLEMENTATIONS)
     options = parser.parse_args(argv)
@@ -290,7 +294,7 @@ def parse(argv):
     if options.quick:
         sizes = dict(train_batch=2, train_len=16, prefill_len=32, prompt_len=8, new_tokens=4,
                      spec_tokens=4, spec_repeats=1)
-        options.repeats, options.warmup = 1, 1
+        options.repeats, options.rounds, options.warmup = 1, 1, 1
     for name, value in sizes.items():
         setattr(options, name, value)
     return options
@@ -324,7 +328,9 @@ def main(argv=None) -> int:
     for batch_size in (1, 8):
         bench_decode(table, model, hf_models, batch_size, options, gen)
     bench_speculative(table, model, options)
-    print(f"\nmedian of {options.repeats} after {options.warmup} warm-up; greedy outputs "
+    print(f"\nafter {options.warmup} warm-up: training and prefill the median of "
+          f"{options.rounds} alternating rounds, decoding the median of {options.repeats} calls, "
+          f"speculative the median of {options.spec_repeats} alternating rounds; greedy outputs "
           "identical to minimoe eager in every decode row (transformers: up to a float tie, "
           "noted above)\n")
     print(table.markdown())
