@@ -10,6 +10,7 @@ from minimoe import balance
 from minimoe.config import ModelConfig
 from minimoe.experts import RoutedExperts, SwiGLU
 from minimoe.moe import (
+    FUSED_GATE_UP_MAX_WIDTH,
     MoE,
     dispatch_gather,
     dispatch_naive,
@@ -178,9 +179,13 @@ def test_sorted_with_nothing_to_compute(backend):
     assert torch.equal(experts.gate_proj.grad, torch.zeros_like(experts.gate_proj))
 
 
+# wider than FUSED_GATE_UP_MAX_WIDTH: the sorted dispatch runs gate and up as two products
+WIDE = FUSED_GATE_UP_MAX_WIDTH + 4
+
+
 @pytest.mark.parametrize("dispatch", [dispatch_sorted, dispatch_gather])
 @given(
-    N=st.integers(1, 40), C=st.sampled_from([4, 6, 8, 16]), I=st.sampled_from([3, 4, 8, 12]),
+    N=st.integers(1, 40), C=st.sampled_from([4, 6, 8, 16]), I=st.sampled_from([3, 4, 8, 12, WIDE]),
     E=st.integers(1, 7), k=st.integers(1, 3), masked=st.booleans(), seed=st.integers(0, 2**16),
 )
 def test_dispatch_matches_naive_property(dispatch, N, C, I, E, k, masked, seed):
