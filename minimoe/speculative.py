@@ -347,12 +347,12 @@ def speculative_generate(model, input_ids: torch.Tensor, max_new_tokens: int,
     sampler = Sampler(temperature, top_k, top_p, generator)
     was_training = model.training
     model.eval()
-    stats = SpeculativeStats(num_draft_modules=len(model.mtp))
-    stats._grow(num_drafts)
     if compile and sampler.greedy and num_drafts == 1 and max_new_tokens > 0:
-        tokens = greedy_one_draft(model, input_ids, max_new_tokens, eos_token_id, stats)
+        tokens, stats = greedy_one_draft(model, input_ids, max_new_tokens, eos_token_id)
         model.train(was_training)
         return torch.tensor([tokens], device=input_ids.device), stats
+    stats = SpeculativeStats(num_draft_modules=len(model.mtp))
+    stats._grow(num_drafts)
     # what runs the main model and the drafts: the modules themselves over growing caches, or
     # (compile=True) their compiled steps over pre-allocated ones
     main, main_cache, drafts = _runners(model, num_drafts,
@@ -427,12 +427,16 @@ def emitted_tokens(drafts: list, accepted: int, bonus: int, room: int,
 
 
 def greedy_one_draft(model, input_ids: torch.Tensor, max_new_tokens: int,
-                     eos_token_id: Optional[int], stats: SpeculativeStats,
-                     compile: bool = True) -> list:
+                     eos_token_id: Optional[int] = None,
+                     compile: bool = True) -> tuple[list, SpeculativeStats]:
     """The loop above for greedy decoding with one draft per step, each step (verify, accept,
-    draft the next) one compiled call (``minimoe.static_cache.GreedyOneDraft``); returns the
-    token list. ``speculative_generate(..., compile=True)`` takes it when it can."""
+    draft the next) one compiled call (``minimoe.static_cache.GreedyOneDraft``); returns
+    (the token list, its statistics). ``speculative_generate(..., compile=True)`` takes it
+    when it can."""
     from minimoe.static_cache import GreedyOneDraft
+
+    stats = SpeculativeStats(num_draft_modules=len(model.mtp))
+    stats._grow(1)
 
     # a step verifies positions N-1 and N of N < T + max_new_tokens tokens: the caches need
     # T + max_new_tokens slots, no more (every slot is attended to, masked or not)
@@ -454,4 +458,4 @@ def greedy_one_draft(model, input_ids: torch.Tensor, max_new_tokens: int,
             new_tokens += len(emitted)
             draft = next_draft
     stats.new_tokens = new_tokens
-    return tokens
+    return tokens, stats

@@ -352,10 +352,10 @@ class GreedyOneDraft:
 
     def __call__(self, last_token: int, draft: int) -> tuple[int, int, int]:
         """Verify `draft` after `last_token`: (accepted 0/1, next token, next draft)."""
-        verify_ids = torch.tensor([[last_token, draft]],
-                                  device=self.model.embed_tokens.weight.device)  # (1, 2)
         if self._step_modes is None:
             raise RuntimeError("run GreedyOneDraft steps inside `with GreedyOneDraft(...) as run:`")
+        verify_ids = torch.tensor([[last_token, draft]],
+                                  device=self.model.embed_tokens.weight.device)  # (1, 2)
         for cache in (self.main_cache, self.draft_cache):
             cache.start_write(2, verify_ids.device)
         accepted, after_last, after_draft, next_draft = self.step(

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import minimoe
-from minimoe.speculative import SpeculativeStats, greedy_one_draft, speculative_generate
+from minimoe.speculative import greedy_one_draft, speculative_generate
 from minimoe.static_cache import DecodeModes, StaticDecoder, StaticKVCache
 
 ATTENTION = {"mla": {}, "gqa": dict(attention="gqa", num_key_value_heads=2),
@@ -64,9 +64,7 @@ def test_compiled_speculative_equals_greedy():
 
 def fused_and_general(model, prompt, new_tokens, eos=None):
     """(tokens, stats) of the one-call-per-step loop (run eagerly) and of the general loop."""
-    stats = SpeculativeStats(num_draft_modules=1)
-    stats._grow(1)
-    tokens = greedy_one_draft(model, prompt, new_tokens, eos, stats, compile=False)
+    tokens, stats = greedy_one_draft(model, prompt, new_tokens, eos, compile=False)
     ids, general = speculative_generate(model, prompt, new_tokens, num_draft_tokens=1,
                                         eos_token_id=eos)
     return (tokens, stats), (ids[0].tolist(), general)

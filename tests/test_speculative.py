@@ -6,7 +6,7 @@ import torch
 import minimoe
 from minimoe import speculative
 from minimoe.model import Transformer
-from minimoe.speculative import (SpeculativeStats, acceptance_probability, greedy_one_draft,
+from minimoe.speculative import (acceptance_probability, greedy_one_draft,
                                  residual_distribution, speculative_generate)
 from minimoe.train import TrainArgs, train
 
@@ -80,9 +80,7 @@ def test_one_call_step_is_the_general_loop_on_a_trained_model(trained):
     total_accepted = total_rejected = 0
     for start, new in [(0, 40), (300, 23), (700, 31)]:
         prompt = val.tokens[start:start + 12].long()[None]
-        stats = SpeculativeStats(num_draft_modules=2)
-        stats._grow(1)
-        tokens = greedy_one_draft(model, prompt, new, None, stats, compile=False)
+        tokens, stats = greedy_one_draft(model, prompt, new, compile=False)
         ids, general = speculative_generate(model, prompt, new, num_draft_tokens=1)
         assert tokens == ids[0].tolist() == model.generate(prompt, new)[0].tolist()
         assert stats.trace == general.trace

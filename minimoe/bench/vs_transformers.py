@@ -87,14 +87,14 @@ def median_seconds(run, warmup: int, repeats: int) -> float:
     return statistics.median(times)
 
 
-def alternating_medians(runs: dict, warmup: int, repeats: int) -> dict:
+def alternating_medians(runs: dict, warmup: int, rounds: int) -> dict:
     """{name: median seconds}: every run warmed up, then timed in rounds of one call each,
     so that a slow phase of a shared machine hits every system of a task alike."""
     for run in runs.values():
         for _ in range(warmup):
             run()
     times = {name: [] for name in runs}
-    for _ in range(repeats):
+    for _ in range(rounds):
         for name, run in runs.items():
             started = time.perf_counter()
             run()
@@ -172,9 +172,8 @@ class Table:
             hf = [speed for _, system, speed in rows
                   if system.startswith("transformers") and PRIVATE_FLAG_ROW not in system]
             best = max(hf) if hf else None
+            first = rows[0][2]  # a task without transformers rows (speculative): its reference
             for _, system, speed in rows:
-                # a task without transformers rows (speculative decoding): ratios to its first
-                first = rows[0][2]
                 ratio = f"{speed / best:.2f}x" if best else f"{speed / first:.2f}x its first row"
                 lines.append(f"| {task} | {system} | {speed:.1f} | {ratio} |")
         return "\n".join(lines)
@@ -285,7 +284,7 @@ def parse(argv):
     parser.add_argument("--repeats", type=int, default=3, help="timed calls per decode row")
     parser.add_argument("--rounds", type=int, default=9,
                         help="timed rounds of the training and prefill tasks (each round runs "
-                        "every system once: a shared machine's slow phases vary by 10-20%%)")
+                        "every system once: a shared machine's slow phases move a row by 10-25%%)")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--hf-decode-impl", default="grouped_mm", choices=EXPERTS_IMPLEMENTATIONS)
     options = parser.parse_args(argv)
